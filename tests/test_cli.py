@@ -36,8 +36,8 @@ def _unsupported_gguf(path: Path) -> Path:
 
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_block_count(1)
-    # Q5_K: a real llama.cpp type that pissa does not dequantise. 256 values = one 176-byte block.
-    w.add_tensor("blk.0.attn_q.weight", np.zeros((1, 176), np.uint8), raw_shape=(1, 256),
+    # Q5_K: a real llama.cpp type that pissa does not dequantise; raw_shape is in bytes (one 176-byte block = 256 values).
+    w.add_tensor("blk.0.attn_q.weight", np.zeros((1, 176), np.uint8), raw_shape=(1, 176),
                  raw_dtype=gguf.GGMLQuantizationType.Q5_K)
     w.write_header_to_file()
     w.write_kv_data_to_file()

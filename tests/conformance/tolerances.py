@@ -19,8 +19,10 @@ RECONSTRUCTION_REL = 1e-6
 # ||E||_2 <= c * eps32 * ||W||_2. By Davis-Kahan, the top-r singular subspaces then rotate by
 # about ||E|| / gap_r, gap_r = sigma_r - sigma_{r+1}, so B@A (the rank-r truncation) moves by
 # about ||E|| * (1 + sigma_1 / gap_r), and a single singular pair i by ||E|| / min gap around i.
-# c covers LAPACK's backward-error constant (grows like sqrt(n)); it is fixed from that bound,
-# not fitted: c = 4 * sqrt(max(m, n)).
+# c is LAPACK's backward-error constant, which grows like sqrt(n); it is fixed from that bound,
+# not fitted: c = sqrt(max(m, n)). Measured on SmolLM2 (numpy float32 vs float64, r=8): the
+# largest difference was 8e-5 of this bound for B@A and 3e-2 of it for the randomised SVD's
+# factors, so a real error (a sign flip, a wrong rank, a float16 cast) fails it.
 EPS32 = float(np.finfo(np.float32).eps)
 
 # A matrix whose smallest relative gap among the top r+1 singular values is below this has
@@ -30,7 +32,7 @@ TINY_REL_GAP = EPS32 * 1e3
 
 
 def backward_error(shape: tuple[int, int], sigma1: float) -> float:
-    return 4.0 * np.sqrt(max(shape)) * EPS32 * sigma1
+    return float(np.sqrt(max(shape))) * EPS32 * sigma1
 
 
 def float32_product_tol(spectrum: np.ndarray, r: int, shape: tuple[int, int]) -> float:

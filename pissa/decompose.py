@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import zlib
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 
@@ -66,14 +67,15 @@ def svd_randomized(W: Array, omega: Array, niter: int, ops: Ops) -> tuple[Array,
     The only SVD is of a k x k matrix: the projected [k, n] matrix is factored by QR first,
     because MLX's svd always builds the full square factors.
     """
+    t = ops.t
     Q = ops.qr(W @ omega)
     for _ in range(niter):
-        Q = ops.qr(W @ ops.qr(W.T @ Q))
-    small = Q.T @ W                      # [k, n] = R2^T Q2^T with small^T = Q2 R2
-    Q2 = ops.qr(small.T)                 # [n, k]
+        Q = ops.qr(W @ ops.qr(t(W) @ Q))
+    small = t(Q) @ W                     # [k, n] = R2^T Q2^T with small^T = Q2 R2
+    Q2 = ops.qr(t(small))                # [n, k]
     R2t = small @ Q2                     # [k, k] = R2^T
     Ur, S, Vrt = ops.svd(R2t)
-    return Q @ Ur, S, (Q2 @ Vrt.T).T
+    return Q @ Ur, S, t(Q2 @ t(Vrt))
 
 
 def canonicalize(U: Array, Vt: Array, ops: Ops) -> tuple[Array, Array]:
@@ -81,13 +83,13 @@ def canonicalize(U: Array, Vt: Array, ops: Ops) -> tuple[Array, Array]:
     positive. SVD signs are arbitrary; after this, A and B (not just B @ A) agree across
     backends and libraries. U @ diag(S) @ Vt is unchanged."""
     signs = ops.column_signs(U)
-    return U * signs, Vt * signs[:, None]
+    return U * signs[..., None, :], Vt * signs[..., :, None]
 
 
 def split(U: Array, S: Array, Vt: Array, scale: float, ops: Ops) -> tuple[Array, Array]:
     """A = sqrt(S / s) Vt [r, in], B = U sqrt(S / s) [out, r], so s * B @ A = U diag(S) Vt."""
     root = ops.sqrt(S / scale)
-    return Vt * root[:, None], U * root
+    return Vt * root[..., :, None], U * root[..., None, :]
 
 
 def residual(W: Array, A: Array, B: Array, scale: float) -> Array:
@@ -111,31 +113,36 @@ def decompose(W: np.ndarray, name: str, spec: AdapterSpec, ops: Ops) -> Factors:
     Raises:
         ValueError: if W is not 2-D or the rank exceeds min(out, in).
     """
-    if W.ndim != 2 or spec.rank > min(W.shape):
-        raise ValueError(f"{name}: rank {spec.rank} does not fit a weight of shape {W.shape}")
+    return decompose_many([W], [name], spec, ops)[0]
+
+
+def decompose_many(Ws: Sequence[np.ndarray], names: Sequence[str], spec: AdapterSpec, ops: Ops) -> list[Factors]:
+    """decompose() for several weights of one shape, stacked into one batch [b, out, in] so
+    that backends with batched SVDs (GPUs) factor them in one call. Same results as one by one.
+    """
+    shape = Ws[0].shape
+    if any(W.shape != shape for W in Ws) or len(shape) != 2 or spec.rank > min(shape):
+        raise ValueError(f"{names[0]}: rank {spec.rank} does not fit weights of shape {[W.shape for W in Ws]}")
     out_dtype = np_dtype(spec.dtype)
     r = spec.rank
     if spec.init == "lora":
-        return _lora(W, name, spec, out_dtype)
+        return [_lora(W, name, spec, out_dtype) for W, name in zip(Ws, names)]
 
-    Wd = ops.asarray(W, spec.compute_dtype)
+    Wd = ops.asarray(np.stack(Ws), spec.compute_dtype)
     if spec.init == "pissa":
         U, S, Vt = svd_full(Wd, ops)
     else:
-        k = min(r + spec.oversampling, *W.shape)
-        omega = ops.asarray(sketch_matrix(W.shape[1], k, spec.seed, name), spec.compute_dtype)
-        U, S, Vt = svd_randomized(Wd, omega, spec.niter, ops)
-    U, S, Vt = U[:, :r], S[:r], Vt[:r]
+        k = min(r + spec.oversampling, *shape)
+        omega = np.stack([sketch_matrix(shape[1], k, spec.seed, name) for name in names])
+        U, S, Vt = svd_randomized(Wd, ops.asarray(omega, spec.compute_dtype), spec.niter, ops)
+    U, S, Vt = U[..., :r], S[..., :r], Vt[..., :r, :]
     U, Vt = canonicalize(U, Vt, ops)
     A, B = split(U, S, Vt, spec.scale, ops)
     A, B = ops.round_to(A, spec.dtype), ops.round_to(B, spec.dtype)
     R = ops.round_to(residual(Wd, A, B, spec.scale), spec.dtype)
-    return Factors(
-        A=_stored(ops.to_numpy(A), out_dtype),
-        B=_stored(ops.to_numpy(B), out_dtype),
-        residual=_stored(ops.to_numpy(R), out_dtype),
-        spectrum=ops.to_numpy(S).astype(np.float64),
-    )
+    A, B, R, S = (ops.to_numpy(x) for x in (A, B, R, S))
+    return [Factors(A=_stored(A[i], out_dtype), B=_stored(B[i], out_dtype), residual=_stored(R[i], out_dtype),
+                    spectrum=S[i].astype(np.float64)) for i in range(len(Ws))]
 
 
 def _stored(x: np.ndarray, dtype: np.dtype) -> np.ndarray:

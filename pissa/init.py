@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from pissa.decompose import Factors, decompose
+from pissa.decompose import decompose_many
 from pissa.errors import PissaError
 from pissa.formats import hf
 from pissa.formats.peft import Adapter, save_adapter
@@ -50,7 +50,7 @@ def peak_rss_mib() -> float:
 
 def run_init(model: str, out: str | Path, spec: AdapterSpec, *, backend: str = "numpy",
              device: str | None = None, force: bool = False, progress: bool = True,
-             max_shard_bytes: int = hf.DEFAULT_SHARD_BYTES) -> InitSummary:
+             max_shard_bytes: int = hf.DEFAULT_SHARD_BYTES, svd_batch: int | None = None) -> InitSummary:
     """Decompose every target of `model` and write OUT/ (residual) and OUT/pissa_init/ (adapter).
 
     Args:
@@ -59,6 +59,8 @@ def run_init(model: str, out: str | Path, spec: AdapterSpec, *, backend: str = "
         spec: the adapter to build.
         backend: "numpy", "torch" or "mlx": who does the arithmetic.
         device: the backend's device ("cpu", "cuda", ...); None picks its default.
+        svd_batch: decompose up to this many same-shape targets in one batched call; None
+            takes the backend's measured default (1 wherever batching was not faster).
 
     Raises:
         PissaError: for bad input (model, spec against the model, output folder); nothing is
@@ -73,25 +75,28 @@ def run_init(model: str, out: str | Path, spec: AdapterSpec, *, backend: str = "
     ops = get_ops(backend, device)
     dtype = np_dtype(spec.dtype)
 
-    plan = [(name, dtype, shape) for name, shape in shapes.items()]
+    steps = schedule(shapes, targets, svd_batch or getattr(ops, "svd_batch", 1))
+    plan = [(name, dtype, shapes[name]) for step in steps for name in step]
     factors: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     bar = tqdm(total=len(targets), desc=f"pissa init ({backend}, {spec.init})", unit="matrix",
                disable=not progress, file=sys.stderr)
     with hf.atomic_dir(out, force) as tmp:
         writer = hf.ModelWriter(tmp, plan, max_shard_bytes)
-        for name, shape in shapes.items():
-            module = name[: -len(".weight")]
-            W = source.get(name)
-            if module in targets:
-                f: Factors = decompose(W, module, spec, ops)
-                factors[module] = (f.A, f.B)
-                writer.write(name, f.residual)
-                bar.update(1)
+        for step in steps:
+            arrays = [source.get(name) for name in step]
+            if not np.issubdtype(arrays[0].dtype, np.floating):
+                raise PissaError(f"{step[0]} has dtype {arrays[0].dtype}; "
+                                 "pissa handles models whose tensors are all floating point")
+            modules = [name[: -len(".weight")] for name in step]
+            if modules[0] in targets:
+                results = decompose_many(arrays, modules, spec, ops)
+                for name, module, f in zip(step, modules, results):
+                    factors[module] = (f.A, f.B)
+                    writer.write(name, f.residual)
+                bar.update(len(step))
             else:
-                if not np.issubdtype(W.dtype, np.floating):
-                    raise PissaError(f"{name} has dtype {W.dtype}; pissa handles models whose tensors are all floating point")
-                writer.write(name, np.asarray(W).astype(dtype))
-            del W
+                writer.write(step[0], np.asarray(arrays[0]).astype(dtype))
+            del arrays
         writer.close()
         bar.close()
         hf.write_json(tmp / "config.json", hf.model_config(source.config, spec.dtype))
@@ -104,6 +109,28 @@ def run_init(model: str, out: str | Path, spec: AdapterSpec, *, backend: str = "
         save_adapter(tmp / ADAPTER_DIR, adapter)
     trainable = sum(A.size + B.size for A, B in factors.values())
     return InitSummary(len(factors), trainable, time.perf_counter() - start, peak_rss_mib(), out)
+
+
+def schedule(shapes: dict[str, tuple[int, ...]], targets: set[str], batch: int) -> list[list[str]]:
+    """The order tensors are processed and written in: file order, except that a target pulls the
+    next targets of its shape (up to `batch` in all) into its step, so they decompose together.
+    Memory then stays at `batch` matrices."""
+    steps: list[list[str]] = []
+    taken: set[str] = set()
+    names = list(shapes)
+    for i, name in enumerate(names):
+        if name in taken:
+            continue
+        step = [name]
+        if name[: -len(".weight")] in targets:
+            for other in names[i + 1:]:
+                if len(step) >= batch:
+                    break
+                if other not in taken and other[: -len(".weight")] in targets and shapes[other] == shapes[name]:
+                    step.append(other)
+        taken.update(step)
+        steps.append(step)
+    return steps
 
 
 def fingerprint(factors: dict[str, tuple[np.ndarray, np.ndarray]]) -> str:

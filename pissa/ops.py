@@ -1,7 +1,8 @@
 """The few array operations the decomposition needs, and the numpy reference implementation.
 
 The math in pissa.decompose is written once against this protocol. Besides these methods it
-uses only what numpy, torch and mlx arrays share: `@`, `*`, `-`, `/`, `.T` and 2-D slicing.
+uses only what numpy, torch and mlx arrays share: `@`, `*`, `-`, `/` and slicing. Arrays may
+carry leading batch axes ([b, m, n]): backends that gain from batched SVDs get them.
 Each backend implements Ops in its own package (pissa_torch.ops, pissa_mlx.ops) and keeps its
 framework's quirks there, with a comment saying why.
 """
@@ -25,6 +26,9 @@ class Ops(Protocol):
 
     def to_numpy(self, x: Array) -> np.ndarray:
         """Back to the host as numpy, same dtype."""
+
+    def t(self, x: Array) -> Array:
+        """Transpose of the last two axes."""
 
     def qr(self, x: Array) -> Array:
         """Q of the reduced QR of x [m, n], m >= n: Q is [m, n] with orthonormal columns."""
@@ -56,6 +60,9 @@ class NumpyOps:
     def to_numpy(self, x: np.ndarray) -> np.ndarray:
         return np.asarray(x)
 
+    def t(self, x: np.ndarray) -> np.ndarray:
+        return np.swapaxes(x, -1, -2)
+
     def qr(self, x: np.ndarray) -> np.ndarray:
         return np.linalg.qr(x, mode="reduced")[0]
 
@@ -66,8 +73,8 @@ class NumpyOps:
         return np.sqrt(x)
 
     def column_signs(self, u: np.ndarray) -> np.ndarray:
-        idx = np.argmax(np.abs(u), axis=0)
-        signs = np.sign(u[idx, np.arange(u.shape[1])])
+        idx = np.argmax(np.abs(u), axis=-2)[..., None, :]
+        signs = np.sign(np.take_along_axis(u, idx, axis=-2))[..., 0, :]
         return np.where(signs == 0, 1, signs).astype(u.dtype)
 
     def round_to(self, x: np.ndarray, dtype: str) -> np.ndarray:

@@ -1,0 +1,6 @@
+"""pissa's PyTorch backend (import name: pissa_torch), for transformers models on CUDA or CPU."""
+
+try:
+    import torch  # noqa: F401
+except ImportError as e:  # pragma: no cover - exercised by tests/test_hygiene.py
+    raise ImportError("pissa_torch needs PyTorch; install it with: pip install 'pissa[torch]'") from e

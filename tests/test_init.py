@@ -126,7 +126,8 @@ def test_smollm2_init_gives_the_original_logits_in_transformers_and_peft(smollm2
 
     out, summary = smollm2_init
     assert summary.matrices == 210
-    assert summary.trainable == 30 * 16 * (3 * (576 + 576) + 2 * (576 + 192) + 3 * (576 + 1536))
+    # per layer: q, o 576x576; k, v 192x576; gate, up 1536x576; down 576x1536
+    assert summary.trainable == 30 * 16 * (2 * (576 + 576) + 2 * (192 + 576) + 3 * (1536 + 576))
     with torch.no_grad():
         want = hf_smollm2(torch.tensor(PROMPT_IDS[:1])).logits.numpy()
     got = hf_logits(out, PROMPT_IDS[:1], adapter=out / ADAPTER_DIR)

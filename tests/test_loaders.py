@@ -9,8 +9,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import gguf
@@ -20,7 +18,7 @@ from gguf.quants import quantize
 
 from pissa.errors import PissaError
 from pissa.formats.safetensors import SafetensorsFile
-from pissa.loaders import open_model, resolve
+from pissa.loaders import open_model
 from pissa.loaders.gguf import SUPPORTED, GGUFSource, unpermute_rows
 from pissa.loaders.hf import HFSource
 
@@ -29,8 +27,8 @@ SMOL = "smollm2-135m"
 
 
 @pytest.fixture(scope="module")
-def smol_path() -> Path:
-    return resolve(SMOL)
+def smol_path(smollm2_path) -> Path:
+    return smollm2_path
 
 
 @pytest.fixture(scope="module")
@@ -39,13 +37,9 @@ def smol(smol_path) -> GGUFSource:
 
 
 @pytest.fixture(scope="module")
-def smol_reference(smol_path):
-    """transformers' state dict for the same GGUF, loaded once: about 15-20 s."""
-    torch = pytest.importorskip("torch")
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(smol_path.parent, gguf_file=smol_path.name, dtype=torch.float32)
-    return model.state_dict()
+def smol_reference(hf_smollm2):
+    """transformers' state dict for the same GGUF (the session's one load)."""
+    return hf_smollm2.state_dict()
 
 
 # --- GGUF: the real SmolLM2 file -------------------------------------------------------------
@@ -123,21 +117,11 @@ def test_config_is_read_by_mlx_lm_with_the_right_rope_base(smol):
 
 
 def test_open_model_finds_gguf_in_a_folder(smol_path, tmp_path):
-    # open_model(SMOL) itself runs in test_core_imports_no_framework.
+    # open_model(SMOL) with torch and mlx absent runs in tests/test_hygiene.py.
     folder = tmp_path / "only_gguf"
     folder.mkdir()
     (folder / smol_path.name).symlink_to(smol_path)
     assert isinstance(open_model(str(folder)), GGUFSource)
-
-
-def test_core_imports_no_framework(smol_path, tmp_path):
-    # Everything the GGUF loader does, tokenizer included, in a fresh process.
-    code = ("import sys; from pissa.loaders import open_model; s = open_model('smollm2-135m'); "
-            "s.get('model.layers.0.self_attn.k_proj.weight'); "
-            f"s.save_tokenizer({str(tmp_path)!r}); "
-            "bad = [m for m in ('torch', 'mlx') if m in sys.modules]; print(bad); sys.exit(bool(bad))")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stdout + r.stderr
 
 
 # --- GGUF: a small written file, for the types SmolLM2 lacks ---------------------------------

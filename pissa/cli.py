@@ -56,7 +56,65 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--dtype", default="float32", help="storage dtype: float32, bfloat16 or float16")
     q.add_argument("--force", action="store_true", help="replace a non-empty --out")
     q.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    q.add_argument("--svd-batch", type=_positive_int, default=None,
+                   help="decompose up to N same-shape matrices per call (default: the backend's measured best)")
     q.set_defaults(func=_cmd_init)
+
+    t = sub.add_parser("train", help="train the PiSSA adapter of a pissa init folder",
+                       description="Train MODEL_DIR/pissa_init on JSON-lines data; writes RUN_DIR/adapter, "
+                                   "RUN_DIR/lora, RUN_DIR/checkpoints/, metrics.jsonl and loss.png.")
+    t.add_argument("model_dir", help="a folder written by pissa init")
+    t.add_argument("--data", required=True, help="training data, .jsonl (text, prompt/completion or messages)")
+    t.add_argument("--eval-data", default=None, help="held-out .jsonl for the eval loss")
+    t.add_argument("--out", required=True, help="the run folder")
+    t.add_argument("--backend", default="auto", help="torch or mlx (default: mlx on Apple silicon, else torch)")
+    t.add_argument("--device", default=None, help="torch device (default: cuda when available)")
+    t.add_argument("--adapter", default=None, help="start from this adapter instead of MODEL_DIR/pissa_init")
+    t.add_argument("--steps", type=_positive_int, default=100, help="optimizer steps (default 100)")
+    t.add_argument("--batch-size", type=_positive_int, default=4, help="sequences per micro-batch (default 4)")
+    t.add_argument("--grad-accum", type=_positive_int, default=1, help="micro-batches per step (default 1)")
+    t.add_argument("--lr", type=_number, default=1e-4, help="peak learning rate (default 1e-4)")
+    t.add_argument("--warmup-ratio", type=_number, default=0.03, help="warmup fraction of steps (default 0.03)")
+    t.add_argument("--weight-decay", type=_number, default=0.0, help="AdamW weight decay (default 0)")
+    t.add_argument("--max-grad-norm", type=_number, default=1.0, help="gradient clipping (default 1.0)")
+    t.add_argument("--max-seq-len", type=_positive_int, default=256, help="tokens per sequence (default 256)")
+    t.add_argument("--seed", type=_positive_int, default=0, help="seed of the data order and dropout (default 0)")
+    t.add_argument("--eval-every", type=_positive_int, default=0, help="eval every N steps (default: at the end)")
+    t.add_argument("--save-every", type=_positive_int, default=0, help="checkpoint every N steps (default: at the end)")
+    t.add_argument("--precision", default="auto", help="auto, fp32, bf16 or fp16 (auto: bf16 on CUDA, else fp32)")
+    t.add_argument("--grad-checkpointing", action="store_true", help="recompute activations to save memory")
+    t.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+    t.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    t.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    t.set_defaults(func=_cmd_train)
+
+    c = sub.add_parser("convert", help="turn a trained PiSSA adapter into a rank-2r LoRA on the original model")
+    c.add_argument("--initial", required=True, help="the pissa_init folder of the model that was trained")
+    c.add_argument("--trained", required=True, help="the trained adapter (RUN_DIR/adapter)")
+    c.add_argument("--out", required=True, help="the LoRA folder to write (PEFT format)")
+    c.add_argument("--format", default="peft", help="peft (default) or mlx-lm (also writes mlx-lm files)")
+    c.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    c.set_defaults(func=_cmd_convert)
+
+    m = sub.add_parser("merge", help="merge an adapter into its model's weights (Hugging Face folder)")
+    m.add_argument("model", help="the model the adapter applies to (residual folder, or the original for a LoRA)")
+    m.add_argument("--adapter", required=True, help="adapter folder (PEFT format)")
+    m.add_argument("--out", required=True, help="the merged model folder to write")
+    m.add_argument("--dtype", default=None, help="storage dtype (default: the model's)")
+    m.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    m.set_defaults(func=_cmd_merge)
+
+    e = sub.add_parser("eval", help="eval loss and exact-match accuracy on a .jsonl split")
+    e.add_argument("model_dir", help="a model folder (a pissa init folder uses its pissa_init adapter)")
+    e.add_argument("--data", required=True, help="eval data, .jsonl (prompt/completion or messages)")
+    e.add_argument("--adapter", default=None, help="adapter to apply (default: MODEL_DIR/pissa_init if present)")
+    e.add_argument("--backend", default="auto", help="torch or mlx (default: mlx on Apple silicon, else torch)")
+    e.add_argument("--device", default=None, help="torch device (default: cuda when available)")
+    e.add_argument("--limit", type=_positive_int, default=None, help="only the first N records")
+    e.add_argument("--batch-size", type=_positive_int, default=16, help="sequences per batch (default 16)")
+    e.add_argument("--max-new-tokens", type=_positive_int, default=64, help="answer length cap (default 64)")
+    e.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    e.set_defaults(func=_cmd_eval)
     return p
 
 
@@ -69,8 +127,91 @@ def _cmd_init(args: argparse.Namespace) -> int:
                        oversampling=args.oversampling, seed=args.seed, dtype=args.dtype,
                        compute_dtype=args.compute_dtype)
     summary = run_init(args.model, args.out, spec, backend=args.backend, device=args.device,
-                       force=args.force, progress=not args.no_progress)
+                       force=args.force, progress=not args.no_progress, svd_batch=args.svd_batch)
     print(summary.line())
+    return 0
+
+
+def _training_backend(name: str) -> str:
+    import platform
+
+    from pissa.ops import available_backends
+
+    have = [b for b in available_backends() if b != "numpy"]
+    if name == "auto":
+        if "mlx" in have and sys.platform == "darwin" and platform.machine() == "arm64":
+            return "mlx"
+        name = "torch"
+    if name not in ("torch", "mlx"):
+        raise PissaError(f"unknown backend {name!r} for this command; choose torch or mlx")
+    if name not in have:
+        raise PissaError(f"the {name} backend is not available; install it with: pip install 'pissa[{name}]'")
+    return name
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from pissa.training import TrainConfig
+
+    backend = _training_backend(args.backend)
+    cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
+                      warmup_ratio=args.warmup_ratio, weight_decay=args.weight_decay,
+                      max_grad_norm=args.max_grad_norm, max_seq_len=args.max_seq_len, seed=args.seed,
+                      eval_every=args.eval_every, save_every=args.save_every, precision=args.precision,
+                      grad_checkpointing=args.grad_checkpointing)
+    train = __import__(f"pissa_{backend}.train", fromlist=["train"]).train
+    kwargs = {"device": args.device} if backend == "torch" else {}
+    if backend == "mlx" and args.device not in (None, "gpu", "cpu"):
+        raise PissaError(f"--device {args.device} is not an MLX device; use gpu or cpu")
+    s = train(args.model_dir, args.data, args.out, cfg, eval_data=args.eval_data, adapter=args.adapter,
+              resume=args.resume, force=args.force, progress=not args.no_progress, **kwargs)
+    ev = f", eval loss {s['eval_loss']:.4f}" if s["eval_loss"] is not None else ""
+    print(f"pissa train: {s['steps']} steps, loss {s['loss']:.4f}{ev}, {s['tokens_per_s']:,.0f} tokens/s, "
+          f"{s['seconds']:.1f} s -> {s['out']}")
+    return 0
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from pissa.convert import pissa_to_lora
+    from pissa.formats.hf import atomic_dir
+    from pissa.formats.peft import load_adapter, save_adapter
+
+    if args.format not in ("peft", "mlx-lm"):
+        raise PissaError(f"unknown --format {args.format!r}; choose peft or mlx-lm")
+    lora = pissa_to_lora(load_adapter(args.initial), load_adapter(args.trained))
+    with atomic_dir(Path(args.out), args.force) as tmp:
+        save_adapter(tmp, lora)
+        if args.format == "mlx-lm":
+            from pissa.formats.mlx_lm import save_mlx_adapter
+
+            save_mlx_adapter(tmp, lora)
+    print(f"pissa convert: rank-{lora.spec.rank} LoRA over {len(lora.factors)} modules "
+          f"(alpha {lora.spec.alpha:g}) for the original model -> {args.out}")
+    return 0
+
+
+def _cmd_merge(args: argparse.Namespace) -> int:
+    from pissa.merge import run_merge
+
+    n = run_merge(args.model, args.adapter, args.out, force=args.force, dtype=args.dtype)
+    print(f"pissa merge: merged {n} modules -> {args.out}")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    import json
+
+    backend = _training_backend(args.backend)
+    evaluate = __import__(f"pissa_{backend}.evaluate", fromlist=["evaluate"]).evaluate
+    kwargs = {"device": args.device} if backend == "torch" else {}
+    r = evaluate(args.model_dir, args.data, adapter=args.adapter, batch_size=args.batch_size,
+                 max_new_tokens=args.max_new_tokens, limit=args.limit, progress=not args.no_progress, **kwargs)
+    print(f"pissa eval: exact match {r['accuracy']:.1%} ({round(r['accuracy'] * r['n'])}/{r['n']}), "
+          f"loss {r['loss']:.4f}")
+    for ex in r["examples"]:
+        print(f"  e.g. {ex!r}")
+    print(json.dumps({k: v for k, v in r.items() if k != "examples"}))
     return 0
 
 

@@ -1,0 +1,58 @@
+"""`pissa merge`: a model folder plus an adapter -> one full model folder, W + s*B@A.
+
+Works for a residual model with its (trained) PiSSA adapter, and for an original model with a
+converted LoRA. Backend-neutral, streamed tensor by tensor like pissa init.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from pissa.convert import delta
+from pissa.errors import PissaError
+from pissa.formats import hf
+from pissa.formats.peft import load_adapter
+from pissa.formats.safetensors import np_dtype
+from pissa.loaders import open_model
+
+
+def run_merge(model: str, adapter_dir: str | Path, out: str | Path, *, force: bool = False,
+              dtype: str | None = None, progress: bool = True) -> int:
+    """Write OUT = MODEL with the adapter merged into its weights. Returns the modules merged.
+
+    Raises:
+        PissaError: bad paths, or an adapter whose modules or shapes do not fit the model
+            (every mismatch listed).
+    """
+    out = Path(out)
+    hf.check_out_dir(out, force)
+    source = open_model(model)
+    adapter = load_adapter(adapter_dir)
+    shapes = source.shapes()
+    problems = [f"{m}: not in the model" for m in adapter.factors if m + ".weight" not in shapes]
+    problems += [f"{m}: adapter {B.shape[0]}x{A.shape[1]} vs weight {shapes[m + '.weight']}"
+                 for m, (A, B) in adapter.factors.items()
+                 if m + ".weight" in shapes and (B.shape[0], A.shape[1]) != tuple(shapes[m + ".weight"])]
+    if problems:
+        raise PissaError(f"the adapter does not fit {model} ({len(problems)} problem(s)): " + "; ".join(problems))
+    store = dtype or source.config.get("dtype") or source.config.get("torch_dtype") or "float32"
+    if store not in ("float32", "bfloat16", "float16"):
+        store = "float32"
+    dt = np_dtype(store)
+    with hf.atomic_dir(out, force) as tmp:
+        writer = hf.ModelWriter(tmp, [(n, dt, s) for n, s in shapes.items()])
+        for name in tqdm(shapes, desc="pissa merge", unit="tensor", disable=not progress):
+            W = source.get(name)
+            module = name[: -len(".weight")]
+            if module in adapter.factors:
+                W = W.astype(np.float32) + delta(adapter, module)
+            writer.write(name, W.astype(dt))
+        writer.close()
+        hf.write_json(tmp / "config.json", hf.model_config(source.config, store))
+        if source.generation_config:
+            hf.write_json(tmp / "generation_config.json", source.generation_config)
+        source.save_tokenizer(tmp)
+    return len(adapter.factors)

@@ -138,3 +138,35 @@ def rel_max_diff(a, b) -> float:
     a = np.asarray(a, dtype=np.float64)
     b = np.asarray(b, dtype=np.float64)
     return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer_dir(tmp_path_factory, smollm2) -> Path:
+    """SmolLM2's real tokenizer (with its chat template), as files."""
+    folder = tmp_path_factory.mktemp("smol_tok")
+    smollm2.save_tokenizer(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_chat(tmp_path_factory, smollm2_tokenizer_dir) -> Path:
+    """A tiny random Llama that speaks SmolLM2's tokenizer, after `pissa init` (rank 4): fast
+    enough to train for a few steps in every test that needs a run."""
+    import shutil
+
+    from pissa.init import run_init
+    from pissa.spec import AdapterSpec
+
+    root = tmp_path_factory.mktemp("tiny_chat")
+    src = write_tiny_llama(root / "base", vocab=49152, hidden=64, inter=128)
+    for f in smollm2_tokenizer_dir.iterdir():
+        shutil.copy(f, src / f.name)
+    cfg = json.loads((src / "config.json").read_text())
+    cfg.update(bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    (src / "config.json").write_text(json.dumps(cfg))
+    (src / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}))
+    run_init(str(src), root / "init", AdapterSpec(rank=4), progress=False)
+    return root / "init"
+
+
+DATA = Path(__file__).resolve().parent.parent / "data" / "arith"

@@ -130,7 +130,8 @@ def hf_smollm2(smollm2_path):
     return model.eval()
 
 
-PROMPT_IDS = [[1, 4093, 314, 260, 3575, 282, 4649, 47, 2], [1, 504, 2722, 5253, 28, 1041, 429, 253, 33, 17]]
+# Two fixed token sequences of SmolLM2's vocabulary, same length so that they batch.
+PROMPT_IDS = [[1, 4093, 314, 260, 3575, 282, 4649, 47, 2, 17], [1, 504, 2722, 5253, 28, 1041, 429, 253, 33, 17]]
 
 
 def rel_max_diff(a, b) -> float:

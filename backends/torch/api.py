@@ -29,9 +29,12 @@ def to_numpy(t: torch.Tensor) -> np.ndarray:
 
 
 def from_numpy(a: np.ndarray) -> torch.Tensor:
+    """A tensor that owns a copy of `a`. Never torch.from_numpy's shared memory: training would
+    then rewrite the caller's arrays (the initial adapter) in place."""
+    a = np.array(a, copy=True, order="C")
     if a.dtype == ml_dtypes.bfloat16:
-        return torch.from_numpy(np.ascontiguousarray(a).view(np.int16)).view(torch.bfloat16)
-    return torch.from_numpy(np.ascontiguousarray(a))
+        return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(a)
 
 
 def pissa_layers(model: nn.Module) -> Iterator[tuple[str, PissaLinear]]:

@@ -107,3 +107,20 @@ def test_targets_that_match_nothing(base):
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     with pytest.raises(PissaError, match="match no nn.Linear"):
         apply(model, AdapterSpec(rank=4, targets=("nothing",)))
+
+
+def test_training_never_writes_into_the_callers_adapter_arrays(tiny_chat):
+    """Regression: torch.from_numpy shares memory, so training once rewrote the initial adapter
+    in memory and conversion then produced a wrong LoRA."""
+    from pissa.formats.peft import load_adapter
+
+    adapter = load_adapter(tiny_chat / "pissa_init")
+    before = {m: (A.copy(), B.copy()) for m, (A, B) in adapter.factors.items()}
+    model = AutoModelForCausalLM.from_pretrained(tiny_chat, dtype=torch.float32)
+    apply(model, adapter.spec, adapter)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(1.0)
+    assert all(np.array_equal(A, before[m][0]) and np.array_equal(B, before[m][1])
+               for m, (A, B) in adapter.factors.items())

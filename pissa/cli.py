@@ -115,6 +115,15 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-new-tokens", type=_positive_int, default=64, help="answer length cap (default 64)")
     e.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     e.set_defaults(func=_cmd_eval)
+
+    g = sub.add_parser("generate", help="one greedy answer to a prompt")
+    g.add_argument("model_dir", help="a model folder (a pissa init folder uses its pissa_init adapter)")
+    g.add_argument("--prompt", required=True, help="the user message (the chat template is applied)")
+    g.add_argument("--adapter", default=None, help="adapter to apply (default: MODEL_DIR/pissa_init if present)")
+    g.add_argument("--backend", default="auto", help="torch or mlx (default: mlx on Apple silicon, else torch)")
+    g.add_argument("--device", default=None, help="torch device (default: cuda when available)")
+    g.add_argument("--max-new-tokens", type=_positive_int, default=64, help="answer length cap (default 64)")
+    g.set_defaults(func=_cmd_generate)
     return p
 
 
@@ -212,6 +221,14 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     for ex in r["examples"]:
         print(f"  e.g. {ex!r}")
     print(json.dumps({k: v for k, v in r.items() if k != "examples"}))
+    return 0
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    backend = _training_backend(args.backend)
+    answer = __import__(f"pissa_{backend}.evaluate", fromlist=["answer"]).answer
+    kwargs = {"device": args.device} if backend == "torch" else {}
+    print(answer(args.model_dir, args.prompt, adapter=args.adapter, max_new_tokens=args.max_new_tokens, **kwargs))
     return 0
 
 

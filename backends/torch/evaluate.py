@@ -25,6 +25,31 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, device) 
     return tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
+def load_for_inference(model_dir: Path, adapter, dev):
+    """A pissa init folder (with its pissa_init or the given adapter), or a plain model folder."""
+    from transformers import AutoModelForCausalLM
+
+    if adapter or (model_dir / "pissa_init").is_dir():
+        model, _ = load(model_dir, adapter, device=str(dev))
+    else:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(dev)
+    return model.eval()
+
+
+def answer(model_dir: str | Path, prompt: str, *, adapter: str | Path | None = None, device: str | None = None,
+           max_new_tokens: int = 64) -> str:
+    """One greedy answer to a user message (formatted with the chat template when there is one)."""
+    from transformers import AutoTokenizer
+
+    dev = pick_device(device)
+    model = load_for_inference(Path(model_dir), adapter, dev)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if getattr(tokenizer, "chat_template", None):
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                               add_generation_prompt=True)
+    return generate(model, tokenizer, [prompt], max_new_tokens, dev)[0].strip()
+
+
 def evaluate(model_dir: str | Path, data: str | Path, *, adapter: str | Path | None = None,
              device: str | None = None, batch_size: int = 16, max_new_tokens: int = 64,
              max_seq_len: int = 512, limit: int | None = None, progress: bool = True) -> dict:
@@ -33,15 +58,11 @@ def evaluate(model_dir: str | Path, data: str | Path, *, adapter: str | Path | N
     model_dir with adapter=None uses MODEL_DIR/pissa_init when it exists (a pissa init folder),
     else the plain model.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     dev = pick_device(device)
     model_dir = Path(model_dir)
-    if adapter or (model_dir / "pissa_init").is_dir():
-        model, _ = load(model_dir, adapter, device=str(dev))
-    else:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(dev)
-    model.eval()
+    model = load_for_inference(model_dir, adapter, dev)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     records = read_jsonl(data)[:limit]
     pairs = []

@@ -167,3 +167,9 @@ def test_eval_reports_accuracy_and_loss(run, tiny_chat, capsys):
     assert rc == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["n"] == 4 and 0 <= result["accuracy"] <= 1 and np.isfinite(result["loss"])
+
+
+def test_generate_prints_one_answer(run, tiny_chat, capsys):
+    rc = main(["generate", str(tiny_chat), "--adapter", str(run / "adapter"), "--prompt", "What is 2 + 3?",
+               "--max-new-tokens", "5", "--backend", "torch"])
+    assert rc == 0 and capsys.readouterr().out.strip()

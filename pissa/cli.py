@@ -105,26 +105,26 @@ def build_parser() -> argparse.ArgumentParser:
     m.set_defaults(func=_cmd_merge)
 
     e = sub.add_parser("eval", help="eval loss and exact-match accuracy on a .jsonl split")
-    e.add_argument("model_dir", help="a model folder (a pissa init folder uses its pissa_init adapter)")
+    _inference_args(e)
     e.add_argument("--data", required=True, help="eval data, .jsonl (prompt/completion or messages)")
-    e.add_argument("--adapter", default=None, help="adapter to apply (default: MODEL_DIR/pissa_init if present)")
-    e.add_argument("--backend", default="auto", help="torch or mlx (default: mlx on Apple silicon, else torch)")
-    e.add_argument("--device", default=None, help="torch device (default: cuda when available)")
     e.add_argument("--limit", type=_positive_int, default=None, help="only the first N records")
     e.add_argument("--batch-size", type=_positive_int, default=16, help="sequences per batch (default 16)")
-    e.add_argument("--max-new-tokens", type=_positive_int, default=64, help="answer length cap (default 64)")
     e.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     e.set_defaults(func=_cmd_eval)
 
     g = sub.add_parser("generate", help="one greedy answer to a prompt")
-    g.add_argument("model_dir", help="a model folder (a pissa init folder uses its pissa_init adapter)")
+    _inference_args(g)
     g.add_argument("--prompt", required=True, help="the user message (the chat template is applied)")
-    g.add_argument("--adapter", default=None, help="adapter to apply (default: MODEL_DIR/pissa_init if present)")
-    g.add_argument("--backend", default="auto", help="torch or mlx (default: mlx on Apple silicon, else torch)")
-    g.add_argument("--device", default=None, help="torch device (default: cuda when available)")
-    g.add_argument("--max-new-tokens", type=_positive_int, default=64, help="answer length cap (default 64)")
     g.set_defaults(func=_cmd_generate)
     return p
+
+
+def _inference_args(q: argparse.ArgumentParser) -> None:
+    q.add_argument("model_dir", help="a model folder (a pissa init folder uses its pissa_init adapter)")
+    q.add_argument("--adapter", default=None, help="adapter to apply (default: MODEL_DIR/pissa_init if present)")
+    q.add_argument("--backend", default="auto", help="torch or mlx (default: mlx on Apple silicon, else torch)")
+    q.add_argument("--device", default=None, help="torch device (default: cuda when available)")
+    q.add_argument("--max-new-tokens", type=_positive_int, default=64, help="answer length cap (default 64)")
 
 
 def _cmd_init(args: argparse.Namespace) -> int:
@@ -168,7 +168,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
                       eval_every=args.eval_every, save_every=args.save_every, precision=args.precision,
                       grad_checkpointing=args.grad_checkpointing)
     train = __import__(f"pissa_{backend}.train", fromlist=["train"]).train
-    kwargs = {"device": args.device} if backend == "torch" else {}
+    kwargs = {"device": args.device}
     if backend == "mlx" and args.device not in (None, "gpu", "cpu"):
         raise PissaError(f"--device {args.device} is not an MLX device; use gpu or cpu")
     s = train(args.model_dir, args.data, args.out, cfg, eval_data=args.eval_data, adapter=args.adapter,
@@ -213,7 +213,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     backend = _training_backend(args.backend)
     evaluate = __import__(f"pissa_{backend}.evaluate", fromlist=["evaluate"]).evaluate
-    kwargs = {"device": args.device} if backend == "torch" else {}
+    kwargs = {"device": args.device}
     r = evaluate(args.model_dir, args.data, adapter=args.adapter, batch_size=args.batch_size,
                  max_new_tokens=args.max_new_tokens, limit=args.limit, progress=not args.no_progress, **kwargs)
     print(f"pissa eval: exact match {r['accuracy']:.1%} ({round(r['accuracy'] * r['n'])}/{r['n']}), "
@@ -227,7 +227,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _cmd_generate(args: argparse.Namespace) -> int:
     backend = _training_backend(args.backend)
     answer = __import__(f"pissa_{backend}.evaluate", fromlist=["answer"]).answer
-    kwargs = {"device": args.device} if backend == "torch" else {}
+    kwargs = {"device": args.device}
     print(answer(args.model_dir, args.prompt, adapter=args.adapter, max_new_tokens=args.max_new_tokens, **kwargs))
     return 0
 

@@ -67,7 +67,13 @@ def init_peft(init: str, device: str, out: str) -> dict:
     # The official PiSSA layout: the residual model, and the adapter saved as a plain LoRA.
     model.peft_config["default"].init_lora_weights = True
     model.save_pretrained(Path(out) / "pissa_init")
-    model.unload().save_pretrained(out)
+    # transformers refuses save_pretrained on a model loaded from GGUF (it counts as quantised),
+    # so the residual model is written as its state dict plus config, the usual workaround.
+    from safetensors.torch import save_model
+
+    base = model.unload()
+    save_model(base, str(Path(out) / "model.safetensors"), metadata={"format": "pt"})
+    base.config.save_pretrained(out)
     AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name).save_pretrained(out)
     sync(device)
     return {"seconds": time.perf_counter() - t}

@@ -10,6 +10,7 @@ so W_res + s * B @ A reproduces W as closely as the storage dtype allows.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import zlib
 from dataclasses import dataclass
@@ -128,19 +129,22 @@ def decompose_many(Ws: Sequence[np.ndarray], names: Sequence[str], spec: Adapter
     if spec.init == "lora":
         return [_lora(W, name, spec, out_dtype) for W, name in zip(Ws, names)]
 
-    Wd = ops.asarray(np.stack(Ws), spec.compute_dtype)
-    if spec.init == "pissa":
-        U, S, Vt = svd_full(Wd, ops)
-    else:
-        k = min(r + spec.oversampling, *shape)
-        omega = np.stack([sketch_matrix(shape[1], k, spec.seed, name) for name in names])
-        U, S, Vt = svd_randomized(Wd, ops.asarray(omega, spec.compute_dtype), spec.niter, ops)
-    U, S, Vt = U[..., :r], S[..., :r], Vt[..., :r, :]
-    U, Vt = canonicalize(U, Vt, ops)
-    A, B = split(U, S, Vt, spec.scale, ops)
-    A, B = ops.round_to(A, spec.dtype), ops.round_to(B, spec.dtype)
-    R = ops.round_to(residual(Wd, A, B, spec.scale), spec.dtype)
-    A, B, R, S = (ops.to_numpy(x) for x in (A, B, R, S))
+    # A backend may need the arithmetic in a scope (MLX: float64 only on a CPU stream).
+    scope = getattr(ops, "scope", None)
+    with scope(spec.compute_dtype) if scope else contextlib.nullcontext():
+        Wd = ops.asarray(np.stack(Ws), spec.compute_dtype)
+        if spec.init == "pissa":
+            U, S, Vt = svd_full(Wd, ops)
+        else:
+            k = min(r + spec.oversampling, *shape)
+            omega = np.stack([sketch_matrix(shape[1], k, spec.seed, name) for name in names])
+            U, S, Vt = svd_randomized(Wd, ops.asarray(omega, spec.compute_dtype), spec.niter, ops)
+        U, S, Vt = U[..., :r], S[..., :r], Vt[..., :r, :]
+        U, Vt = canonicalize(U, Vt, ops)
+        A, B = split(U, S, Vt, spec.scale, ops)
+        A, B = ops.round_to(A, spec.dtype), ops.round_to(B, spec.dtype)
+        R = ops.round_to(residual(Wd, A, B, spec.scale), spec.dtype)
+        A, B, R, S = (ops.to_numpy(x) for x in (A, B, R, S))
     return [Factors(A=_stored(A[i], out_dtype), B=_stored(B[i], out_dtype), residual=_stored(R[i], out_dtype),
                     spectrum=S[i].astype(np.float64)) for i in range(len(Ws))]
 

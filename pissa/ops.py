@@ -5,6 +5,8 @@ uses only what numpy, torch and mlx arrays share: `@`, `*`, `-`, `/` and slicing
 carry leading batch axes ([b, m, n]): backends that gain from batched SVDs get them.
 Each backend implements Ops in its own package (pissa_torch.ops, pissa_mlx.ops) and keeps its
 framework's quirks there, with a comment saying why.
+Optional: `scope(compute_dtype)` -> a context manager the decomposition runs inside (MLX uses it
+to put float64 work on a CPU stream, since Metal has no float64).
 """
 
 from __future__ import annotations

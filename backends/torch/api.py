@@ -15,6 +15,7 @@ from pissa.decompose import decompose_many
 from pissa.errors import PissaError
 from pissa.formats import peft as peft_format
 from pissa.formats.peft import Adapter
+from pissa.formats.peft import check_fits as _check_fits
 from pissa.spec import AdapterSpec
 from pissa_torch.layer import PissaLinear
 from pissa_torch.ops import make_ops
@@ -94,16 +95,6 @@ def apply(model: nn.Module, spec: AdapterSpec, adapter: Adapter | None = None,
         _replace(model, name, PissaLinear.from_base(linear, A, B, spec.scale))
     _freeze_all_but_adapters(model)
     return model
-
-
-def _check_fits(adapter: Adapter, shapes: dict[str, tuple[int, int]]) -> None:
-    problems = [f"{m}: not a target linear layer of this model" for m in adapter.factors if m not in shapes]
-    problems += [f"{m}: no adapter weights" for m in shapes if m not in adapter.factors]
-    for m, (A, B) in adapter.factors.items():
-        if m in shapes and (A.shape[1] != shapes[m][1] or B.shape[0] != shapes[m][0]):
-            problems.append(f"{m}: A {A.shape} / B {B.shape} do not fit weight {shapes[m]}")
-    if problems:
-        raise PissaError(f"the adapter does not fit this model ({len(problems)} problem(s)): " + "; ".join(problems))
 
 
 def load(model_dir: str | Path, adapter_dir: str | Path | None = None, *, device: str | None = None,

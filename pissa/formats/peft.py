@@ -23,6 +23,9 @@ CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
 SIDECAR = "pissa_config.json"
 _PREFIX = "base_model.model."
+# mlx-lm's adapter config shares PEFT's file name; `pissa convert --format mlx-lm` writes one
+# config with both sets of fields (see pissa.formats.mlx_lm). These are mlx-lm's, skipped here.
+MLX_LM_KEYS = ("fine_tune_type", "num_layers", "lora_parameters")
 
 
 @dataclass
@@ -72,6 +75,7 @@ def load_adapter(path: str | Path) -> Adapter:
         extra = json.loads((path / SIDECAR).read_text()) if (path / SIDECAR).is_file() else {}
     except json.JSONDecodeError as e:
         raise PissaError(f"{path}: invalid JSON in the adapter config ({e})") from None
+    cfg = {k: v for k, v in cfg.items() if k not in MLX_LM_KEYS}
     spec_fields = extra.pop("spec", None)
     spec = AdapterSpec.from_dict(spec_fields) if spec_fields else AdapterSpec.from_peft_config(cfg)
     peft_view = AdapterSpec.from_peft_config(cfg, extras=_non_peft(spec.to_dict()))
@@ -92,6 +96,22 @@ def load_adapter(path: str | Path) -> Adapter:
         raise PissaError(f"{path}: {len(problems)} problem(s): " + "; ".join(problems))
     return Adapter(spec, {m: (d["A"], d["B"]) for m, d in factors.items()},
                    base_model=cfg.get("base_model_name_or_path"), info=extra)
+
+
+def check_fits(adapter: Adapter, shapes: Mapping[str, tuple[int, int]]) -> None:
+    """Check an adapter against a model's target weights (module path -> [out, in] shape).
+
+    Raises:
+        PissaError: once, listing every module the model lacks, every target without weights and
+            every shape mismatch.
+    """
+    problems = [f"{m}: not a target linear layer of this model" for m in adapter.factors if m not in shapes]
+    problems += [f"{m}: no adapter weights" for m in shapes if m not in adapter.factors]
+    for m, (A, B) in adapter.factors.items():
+        if m in shapes and (A.shape[1] != shapes[m][1] or B.shape[0] != shapes[m][0]):
+            problems.append(f"{m}: A {tuple(A.shape)} / B {tuple(B.shape)} do not fit weight {tuple(shapes[m])}")
+    if problems:
+        raise PissaError(f"the adapter does not fit this model ({len(problems)} problem(s)): " + "; ".join(problems))
 
 
 def _non_peft(d: Mapping[str, Any]) -> dict[str, Any]:

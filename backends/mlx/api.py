@@ -1,0 +1,180 @@
+"""The MLX backend's public verbs over an mlx-lm model: apply, load, merge, unmerge,
+adapter_state_dict, save_adapter. Models are changed in place and returned.
+
+Module paths are mlx-lm's, which for Llama-family models are the Hugging Face ones
+("model.layers.0.self_attn.q_proj"), so adapters use the same PEFT key names as the torch backend.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+import ml_dtypes
+import numpy as np
+from pissa_mlx.layer import QUANTIZED_BASE, PissaLinear
+from pissa_mlx.ops import make_ops
+
+import mlx.core as mx
+from mlx import nn
+from mlx.utils import tree_unflatten
+from pissa.decompose import decompose_many
+from pissa.errors import PissaError
+from pissa.formats import peft as peft_format
+from pissa.formats.peft import Adapter, check_fits
+from pissa.spec import AdapterSpec
+
+ADAPTER_KEYS = ("lora_A", "lora_B")
+
+
+def to_numpy(x: mx.array) -> np.ndarray:
+    """A host numpy copy; bfloat16 becomes ml_dtypes.bfloat16 (numpy has no bfloat16 of its own)."""
+    if x.dtype == mx.bfloat16:
+        return np.array(x.view(mx.uint16)).view(ml_dtypes.bfloat16)
+    return np.array(x, copy=True)
+
+
+def from_numpy(a: np.ndarray) -> mx.array:
+    """An mx.array copy of `a` with its dtype (mx.array alone would turn float64 into float32)."""
+    a = np.asarray(a)
+    return mx.array(a, dtype=mx.float64) if a.dtype == np.float64 else mx.array(a)
+
+
+def pissa_layers(model: nn.Module) -> Iterator[tuple[str, PissaLinear]]:
+    """(module path, layer) of every PissaLinear, with PEFT's module paths (no "base" suffix)."""
+    for name, module in model.named_modules():
+        if isinstance(module, PissaLinear):
+            yield name, module
+
+
+def _targets(model: nn.Module, spec: AdapterSpec) -> dict[str, nn.Linear]:
+    if any(True for _ in pissa_layers(model)):
+        raise PissaError("this model already has PiSSA layers; load a fresh model to apply an adapter")
+    found = {n: m for n, m in model.named_modules()
+             if n and isinstance(m, (nn.Linear, nn.QuantizedLinear)) and spec.matches(n)}
+    quantized = [n for n, m in found.items() if isinstance(m, nn.QuantizedLinear)]
+    if quantized:
+        raise PissaError(QUANTIZED_BASE.format(name=f"{quantized[0]} (and {len(quantized) - 1} more)"
+                                               if len(quantized) > 1 else quantized[0]))
+    if not found:
+        raise PissaError(f"targets {spec.describe_targets()} match no nn.Linear of this model; "
+                         "use all-linear or module names such as q_proj,v_proj")
+    return found
+
+
+def _freeze_all_but_adapters(model: nn.Module) -> None:
+    model.freeze()
+    for _, layer in pissa_layers(model):
+        layer.unfreeze(keys=list(ADAPTER_KEYS), recurse=False)
+
+
+def apply(model: nn.Module, spec: AdapterSpec, adapter: Adapter | None = None,
+          device: str | None = None) -> nn.Module:
+    """Wrap the spec's target nn.Linear layers of `model` in PissaLinear, in place.
+
+    Without `adapter`, each target is decomposed now (with pissa_mlx.ops on `device`, default
+    MLX's) and its weight replaced by the residual, so the model computes the same function.
+    With `adapter` (e.g. from pissa_init), the weights must already be the residuals and no SVD
+    runs. Afterwards only lora_A and lora_B are trainable.
+
+    Raises:
+        PissaError: when targets match nothing, a target is an nn.QuantizedLinear (QPiSSA starts
+            from the unquantised model), or the adapter does not fit the model (every missing
+            module and shape mismatch listed at once).
+    """
+    targets = _targets(model, spec)
+    if adapter is not None:
+        check_fits(adapter, {n: tuple(m.weight.shape) for n, m in targets.items()})
+    ops = None
+    wrapped = []
+    for name, linear in targets.items():
+        w = linear.weight
+        if adapter is not None:
+            A, B = (from_numpy(x).astype(w.dtype) for x in adapter.factors[name])
+        else:
+            ops = ops or make_ops(device)
+            f = decompose_many([to_numpy(w.astype(mx.float32))], [name], spec, ops)[0]
+            linear.weight = from_numpy(f.residual).astype(w.dtype)
+            A, B = from_numpy(f.A), from_numpy(f.B)
+        wrapped.append((name, PissaLinear.from_base(linear, A, B, spec.scale)))
+    model.update_modules(tree_unflatten(wrapped))
+    _freeze_all_but_adapters(model)
+    mx.eval(model.parameters())
+    return model
+
+
+def load_base(model_dir: str | Path, dtype: mx.Dtype | None = mx.float32) -> nn.Module:
+    """The model of a folder, built by mlx-lm (mlx_lm.utils.load_model), without an adapter; its
+    floating-point weights cast to `dtype` (None keeps the stored dtype).
+
+    Raises:
+        PissaError: a folder that is not a model mlx-lm reads.
+    """
+    from mlx_lm.utils import load_model
+
+    try:
+        model, _ = load_model(Path(model_dir))
+    except (FileNotFoundError, ValueError) as e:
+        raise PissaError(f"mlx-lm cannot load {model_dir} ({e})") from None
+    if dtype is not None:
+        model.set_dtype(dtype)
+    return model
+
+
+def load(model_dir: str | Path, adapter_dir: str | Path | None = None, *,
+         dtype: mx.Dtype | None = mx.float32) -> tuple[nn.Module, AdapterSpec]:
+    """A residual model folder plus an adapter folder (default MODEL_DIR/pissa_init), no SVD.
+
+    Returns:
+        (model, spec): the mlx-lm model with PissaLinear layers, weights in `dtype`.
+
+    Raises:
+        PissaError: a folder that is not a model mlx-lm reads, or an adapter that does not fit.
+    """
+    adapter = peft_format.load_adapter(adapter_dir or Path(model_dir) / "pissa_init")
+    model = load_base(model_dir, dtype)
+    apply(model, adapter.spec, adapter)
+    return model, adapter.spec
+
+
+def merge(model: nn.Module) -> nn.Module:
+    """Add every adapter into its base weight (forward unchanged, faster). unmerge() undoes it."""
+    for _, layer in pissa_layers(model):
+        layer.merge()
+    return model
+
+
+def unmerge(model: nn.Module) -> nn.Module:
+    for _, layer in pissa_layers(model):
+        layer.unmerge()
+    return model
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, mx.array]:
+    """{PEFT key: mx.array}, e.g. "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+    -> A [r, in]; "...lora_B.weight" -> B [out, r] (PEFT's orientation, not mlx-lm's)."""
+    out = {}
+    for name, layer in pissa_layers(model):
+        out[peft_format.key(name, "A")] = layer.lora_A
+        out[peft_format.key(name, "B")] = layer.lora_B
+    return out
+
+
+def adapter_of(model: nn.Module, spec: AdapterSpec, info: dict | None = None) -> Adapter:
+    """The model's current factors as a core Adapter, in the spec's storage dtype."""
+    from pissa.formats.safetensors import np_dtype
+
+    dt = np_dtype(spec.dtype)
+    factors = {name: (to_numpy(layer.lora_A.astype(mx.float32)).astype(dt),
+                      to_numpy(layer.lora_B.astype(mx.float32)).astype(dt))
+               for name, layer in pissa_layers(model)}
+    return Adapter(spec, factors, info=dict(info or {}))
+
+
+def save_adapter(model: nn.Module, path: str | Path, spec: AdapterSpec, info: dict | None = None) -> None:
+    """Write the model's adapter as a PEFT folder at `path` (created; written atomically); the
+    torch backend and PEFT load it."""
+    from pissa.formats.hf import atomic_dir
+
+    with atomic_dir(Path(path), force=True) as tmp:
+        peft_format.save_adapter(tmp, adapter_of(model, spec, info))

@@ -1,0 +1,171 @@
+"""Benchmark the MLX backend on SmolLM2-135M (fp32, all linear layers, r=16), side by side in one
+run: training against mlx-lm's own LoRA, and init against the torch backend on the same machine.
+Prints a table of ratios; docs/benchmarks.md records the figures.
+
+    python scripts/bench_mlx.py [--quick]
+
+On Linux, run it with OpenBLAS preloaded (`. scripts/env.sh` does it), or MLX's matmuls use the
+reference BLAS and every MLX figure is 20-30x slower. Each measurement runs in a fresh subprocess,
+so its peak memory (MLX's allocator peak, and the process's ru_maxrss) is its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+BATCH, SEQ = 4, 256
+
+
+# ---------------------------------------------------------------- measurements (child side)
+def init_time(backend: str, init: str, compute: str, out: str) -> dict:
+    from pissa.init import run_init
+    from pissa.spec import AdapterSpec
+
+    t = time.perf_counter()
+    run_init("smollm2-135m", out, AdapterSpec(rank=16, init=init, compute_dtype=compute), backend=backend,
+             progress=False, force=True)
+    return {"seconds": time.perf_counter() - t}
+
+
+def _timed_steps(step, steps: int) -> float:
+    times = []
+    for i in range(steps + 2):  # 2 warm-up steps: mx.compile traces on the first
+        t = time.perf_counter()
+        step()
+        if i >= 2:
+            times.append(time.perf_counter() - t)
+    return BATCH * SEQ * len(times) / sum(times)
+
+
+def train_speed(which: str, model_dir: str, steps: int) -> dict:
+    """Tokens/s of forward + backward + AdamW at batch 4 x 256, each side with its own loop's step."""
+    import mlx.core as mx
+
+    from pissa.init import peak_rss_mib
+
+    mx.random.seed(0)
+    ids = mx.random.randint(0, 49152, (BATCH, SEQ)).astype(mx.int32)
+    if which == "ours":
+        from pissa_mlx import load
+        from pissa_mlx.train import compiled_steps, make_optimizer
+
+        from pissa.training import TrainConfig
+
+        model, _ = load(model_dir)
+        model.train()
+        cfg = TrainConfig(lr=1e-5)
+        opt = make_optimizer(cfg)
+        opt.init(model.trainable_parameters())
+        micro_step, update = compiled_steps(model, opt, cfg)
+
+        def step():  # as pissa_mlx.train's loop: loss read back, then the clipped AdamW step
+            loss, grads = micro_step(ids, ids)
+            mx.eval(loss, grads)
+            loss.item()
+            opt.learning_rate = 1e-5
+            update(grads)
+            mx.eval(model.trainable_parameters(), opt.state)
+    else:
+        from functools import partial
+
+        import mlx.optimizers as optim
+        from mlx import nn
+        from mlx_lm.tuner.trainer import default_loss
+        from mlx_lm.tuner.utils import linear_to_lora_layers
+        from mlx_lm.utils import load_model
+
+        model, _ = load_model(Path(model_dir))
+        model.freeze()
+        linear_to_lora_layers(model, len(model.layers), {"rank": 16, "scale": 1.0, "dropout": 0.0})
+        model.train()
+        opt = optim.AdamW(learning_rate=1e-5, weight_decay=0.0)
+        loss_value_and_grad = nn.value_and_grad(model, default_loss)
+        state = [model.state, opt.state, mx.random.state]
+        lengths = mx.array([[0, SEQ]] * BATCH)
+
+        @partial(mx.compile, inputs=state, outputs=state)
+        def compiled(batch, lengths):  # mlx_lm.tuner.trainer.train's step, without accumulation
+            (lvalue, toks), grad = loss_value_and_grad(model, batch, lengths)
+            opt.update(model, grad)
+            return lvalue, toks
+
+        def step():
+            lvalue, toks = compiled(ids, lengths)
+            mx.eval(state, lvalue, toks)
+
+    mx.reset_peak_memory()
+    tps = _timed_steps(step, steps)
+    return {"tokens_per_s": tps, "peak_mib": mx.get_peak_memory() / 2**20, "rss_mib": peak_rss_mib()}
+
+
+def child(spec: str) -> None:
+    kind, args = json.loads(spec)
+    fn = {"init_time": init_time, "train_speed": train_speed}[kind]
+    print("RESULT " + json.dumps(fn(*args)), flush=True)
+
+
+# ---------------------------------------------------------------- orchestration (parent side)
+def measure(*args) -> dict:
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    proc = subprocess.run([sys.executable, __file__, "--child", json.dumps([args[0], list(args[1:])])],
+                          capture_output=True, text=True, env=env)
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[7:])
+    raise RuntimeError(f"{args} failed:\n{proc.stderr[-3000:]}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="fewer timing steps")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.child:
+        return child(a.child)
+    import mlx.core as mx
+
+    blas = os.environ.get("LD_PRELOAD", "") if sys.platform == "linux" else "n/a"
+    print(f"# bench_mlx: SmolLM2-135M, fp32, all linear layers, r=16, MLX {mx.__version__} on "
+          f"{mx.default_device()} ({os.cpu_count()} CPU cores), LD_PRELOAD={blas or 'none'}, {time.strftime('%Y-%m-%d')}")
+    if sys.platform == "linux" and "openblas" not in blas:
+        print("# warning: OpenBLAS is not preloaded; MLX matmuls use the reference BLAS (. scripts/env.sh)")
+    rows: list[tuple[str, str, str, str]] = []
+    with tempfile.TemporaryDirectory() as work:
+        for init in ("pissa", "pissa-fast"):
+            for compute in ("float64", "float32"):
+                m = measure("init_time", "mlx", init, compute, f"{work}/m-{init}-{compute}")["seconds"]
+                t = measure("init_time", "torch", init, compute, f"{work}/t-{init}-{compute}")["seconds"]
+                rows.append((f"init {init} ({compute}), end to end", f"{m:.1f} s", f"{t:.1f} s (torch)",
+                             f"{m / t:.2f} (reported)"))
+        steps = 3 if a.quick else 6
+        model_dir = f"{work}/m-pissa-fast-float64"
+        ours = measure("train_speed", "ours", model_dir, steps)
+        theirs = measure("train_speed", "mlx-lm", model_dir, steps)
+        rows.append((f"train tokens/s, batch {BATCH} x {SEQ}", f"{ours['tokens_per_s']:.0f}",
+                     f"{theirs['tokens_per_s']:.0f} (mlx-lm)",
+                     f"{ours['tokens_per_s'] / theirs['tokens_per_s']:.2f} (target >= 1.0)"))
+        rows.append(("train peak MLX memory (MiB)", f"{ours['peak_mib']:.0f}", f"{theirs['peak_mib']:.0f} (mlx-lm)",
+                     f"{ours['peak_mib'] / theirs['peak_mib']:.2f} (target <= 1.05)"))
+        rows.append(("train peak process RSS (MiB)", f"{ours['rss_mib']:.0f}", f"{theirs['rss_mib']:.0f} (mlx-lm)",
+                     f"{ours['rss_mib'] / theirs['rss_mib']:.2f}"))
+    print_table(["measure", "ours (mlx)", "reference", "ratio"], rows)
+
+
+def print_table(head: list[str], rows: list[tuple]) -> None:
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
+    line = lambda r: "| " + " | ".join(str(x).ljust(w) for x, w in zip(r, widths)) + " |"  # noqa: E731
+    print(line(head))
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for r in rows:
+        print(line(r))
+
+
+if __name__ == "__main__":
+    main()

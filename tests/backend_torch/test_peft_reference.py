@@ -66,7 +66,7 @@ def test_full_svd_init_equals_peft(peft_pissa, smollm2, compute):
 @pytest.fixture(scope="module")
 def torch_init(tmp_path_factory):
     out = tmp_path_factory.mktemp("torch_init") / "smol"
-    run_init("smollm2-135m", out, AdapterSpec(rank=16), backend="torch", device="cpu", progress=False)
+    run_init("smollm2-135m", out, AdapterSpec(rank=16, init="pissa-fast"), backend="torch", device="cpu", progress=False)
     return out
 
 

@@ -13,7 +13,7 @@ from mlx import nn
 from pissa.errors import PissaError
 
 QUANTIZED_BASE = ("quantised base layer {name}: PiSSA needs the full-precision weight to decompose; "
-                  "run pissa init on the unquantised model (QPiSSA support: --quantize)")
+                  "run pissa init on the unquantised model")
 
 
 class PissaLinear(nn.Module):

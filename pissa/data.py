@@ -135,6 +135,21 @@ def load_dataset(path: str | Path, tokenizer: Any, max_seq_len: int) -> Dataset:
     return Dataset(examples, truncated, Path(path))
 
 
+def eval_split(path: str | Path, tokenizer: Any, max_seq_len: int,
+               limit: int | None = None) -> tuple[list[tuple[str, str]], Dataset]:
+    """The first `limit` records of an eval file, as (prompt, reference) pairs for generation and
+    as a tokenised Dataset for the loss. Shared by both backends' `pissa eval`."""
+    records = read_jsonl(path)[:limit]
+    pairs = []
+    for n, rec in records:
+        where = f"{path}:{n}"
+        kind = record_kind(rec, where)
+        pairs.append(split_record(rec, kind, tokenizer, where) if kind != "text" else ("", rec["text"]))
+    dataset = load_dataset(path, tokenizer, max_seq_len)
+    dataset.examples = dataset.examples[: len(records)]
+    return pairs, dataset
+
+
 def batch_indices(n: int, batch_size: int, seed: int, index: int) -> np.ndarray:
     """The examples of micro-batch number `index` in an endless shuffled stream: epoch e is a
     permutation drawn from (seed, e). A pure function of its arguments, so resuming needs no

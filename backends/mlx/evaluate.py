@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 import mlx.core as mx
 from mlx import nn
-from pissa.data import load_dataset, pad_id, read_jsonl, record_kind, split_record
+from pissa.data import eval_split, pad_id
 from pissa.evaluate import exact_match
 
 
@@ -96,14 +96,7 @@ def evaluate(model_dir: str | Path, data: str | Path, *, adapter: str | Path | N
     model_dir = Path(model_dir)
     model = load_for_inference(model_dir, adapter)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    records = read_jsonl(data)[:limit]
-    pairs = []
-    for n, rec in records:
-        where = f"{data}:{n}"
-        kind = record_kind(rec, where)
-        pairs.append(split_record(rec, kind, tokenizer, where) if kind != "text" else ("", rec["text"]))
-    dataset = load_dataset(data, tokenizer, max_seq_len)
-    dataset.examples = dataset.examples[: len(records)]
+    pairs, dataset = eval_split(data, tokenizer, max_seq_len, limit)
     loss = eval_loss(model, dataset, batch_size, pad_id(tokenizer), max_seq_len)
     model.eval()
     stops = stop_ids(model_dir, tokenizer)

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from pissa.data import load_dataset, pad_id, read_jsonl, record_kind, split_record
+from pissa.data import eval_split, pad_id
 from pissa.evaluate import exact_match
 from pissa_torch.api import load
 from pissa_torch.train import autocast_for, eval_loss, pick_device
@@ -64,14 +64,7 @@ def evaluate(model_dir: str | Path, data: str | Path, *, adapter: str | Path | N
     model_dir = Path(model_dir)
     model = load_for_inference(model_dir, adapter, dev)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    records = read_jsonl(data)[:limit]
-    pairs = []
-    for n, rec in records:
-        where = f"{data}:{n}"
-        kind = record_kind(rec, where)
-        pairs.append(split_record(rec, kind, tokenizer, where) if kind != "text" else ("", rec["text"]))
-    dataset = load_dataset(data, tokenizer, max_seq_len)
-    dataset.examples = dataset.examples[: len(records)]
+    pairs, dataset = eval_split(data, tokenizer, max_seq_len, limit)
     autocast, _ = autocast_for("auto", dev)
     loss = eval_loss(model, dataset, batch_size, pad_id(tokenizer), dev, autocast)
     correct, shown = 0, []

@@ -7,6 +7,8 @@ Each backend implements Ops in its own package (pissa_torch.ops, pissa_mlx.ops) 
 framework's quirks there, with a comment saying why.
 Optional: `scope(compute_dtype)` -> a context manager the decomposition runs inside (MLX uses it
 to put float64 work on a CPU stream, since Metal has no float64).
+Optional, for QPiSSA (pissa.qpissa): `quant_schemes` (the scheme names the backend quantises),
+`quantize(x, scheme)` and `svdvals(x)`; see NumpyOps for their contracts.
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ class NumpyOps:
     """The reference backend: numpy's LAPACK on the CPU."""
 
     name = "numpy"
+    quant_schemes = ("nf4", "int8", "affine4")
 
     def asarray(self, a: np.ndarray, dtype: str) -> np.ndarray:
         return np.asarray(a, dtype=np.float64 if dtype == "float64" else np.float32)
@@ -81,6 +84,21 @@ class NumpyOps:
 
     def round_to(self, x: np.ndarray, dtype: str) -> np.ndarray:
         return x.astype(np.float32).astype(np_dtype(dtype)).astype(x.dtype)
+
+    def quantize(self, x: np.ndarray, scheme):
+        """Quantise x [out, in] (compute dtype, values representable in float32).
+
+        Returns (QTensor with codes and scales on the host, bit-identical to pissa.quant's
+        reference; deq(Q(x)) on the device in x's dtype).
+        """
+        from pissa import quant
+
+        q = quant.quantize(np.asarray(x, dtype=np.float32), scheme)
+        return q, quant.dequantize(q).astype(x.dtype)
+
+    def svdvals(self, x: np.ndarray) -> np.ndarray:
+        """Singular values of x [m, n] (descending), in x's dtype."""
+        return np.linalg.svd(x, compute_uv=False)
 
 
 def available_backends() -> list[str]:

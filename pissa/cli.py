@@ -58,6 +58,13 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     q.add_argument("--svd-batch", type=_positive_int, default=None,
                    help="decompose up to N same-shape matrices per call (default: the backend's measured best)")
+    q.add_argument("--quantize", default=None, metavar="SCHEME",
+                   help="QPiSSA: quantise the residual with nf4 (bitsandbytes; torch), int8 or affine4 "
+                        "(MLX's affine scheme; torch and mlx)")
+    q.add_argument("--group-size", type=_positive_int, default=64,
+                   help="values per quantisation block or group (default 64)")
+    q.add_argument("--quant-iters", type=_positive_int, default=1,
+                   help="QPiSSA iterations: re-decompose W - deq(Q(W_res)) this many times (default 1; paper: 5)")
     q.set_defaults(func=_cmd_init)
 
     t = sub.add_parser("train", help="train the PiSSA adapter of a pissa init folder",
@@ -135,8 +142,16 @@ def _cmd_init(args: argparse.Namespace) -> int:
                        targets=parse_targets(args.targets), init=args.init, niter=args.niter,
                        oversampling=args.oversampling, seed=args.seed, dtype=args.dtype,
                        compute_dtype=args.compute_dtype)
+    scheme = None
+    if args.quantize is not None:
+        from pissa.quant import scheme as make_scheme
+
+        scheme = make_scheme(args.quantize, args.group_size)
     summary = run_init(args.model, args.out, spec, backend=args.backend, device=args.device,
-                       force=args.force, progress=not args.no_progress, svd_batch=args.svd_batch)
+                       force=args.force, progress=not args.no_progress, svd_batch=args.svd_batch,
+                       quantize=scheme, quant_iters=args.quant_iters)
+    if summary.quant_table:
+        print(summary.quant_table)
     print(summary.line())
     return 0
 

@@ -21,12 +21,16 @@ from pissa.decompose import decompose_many
 from pissa.errors import PissaError
 from pissa.formats import hf
 from pissa.formats.peft import Adapter, save_adapter
+from pissa.formats import quantized as qformat
 from pissa.formats.safetensors import np_dtype
 from pissa.loaders import open_model
 from pissa.ops import get_ops
+from pissa.qpissa import check_backend, decompose_quantized, summarize, table
+from pissa.quant import QuantScheme, check_fits
 from pissa.spec import AdapterSpec
 
 ADAPTER_DIR = "pissa_init"
+QUANT_REPORT = "quant_report.json"
 
 
 @dataclass
@@ -36,6 +40,7 @@ class InitSummary:
     seconds: float
     peak_mib: float
     out: Path
+    quant_table: str | None = None
 
     def line(self) -> str:
         return (f"pissa init: decomposed {self.matrices} matrices, {self.trainable:,} trainable parameters, "
@@ -50,7 +55,8 @@ def peak_rss_mib() -> float:
 
 def run_init(model: str, out: str | Path, spec: AdapterSpec, *, backend: str = "numpy",
              device: str | None = None, force: bool = False, progress: bool = True,
-             max_shard_bytes: int = hf.DEFAULT_SHARD_BYTES, svd_batch: int | None = None) -> InitSummary:
+             max_shard_bytes: int = hf.DEFAULT_SHARD_BYTES, svd_batch: int | None = None,
+             quantize: QuantScheme | None = None, quant_iters: int = 1) -> InitSummary:
     """Decompose every target of `model` and write OUT/ (residual) and OUT/pissa_init/ (adapter).
 
     Args:
@@ -61,6 +67,9 @@ def run_init(model: str, out: str | Path, spec: AdapterSpec, *, backend: str = "
         device: the backend's device ("cpu", "cuda", ...); None picks its default.
         svd_batch: decompose up to this many same-shape targets in one batched call; None
             takes the backend's measured default (1 wherever batching was not faster).
+        quantize: QPiSSA: quantise every target's residual with this scheme (pissa.quant), refined
+            over quant_iters iterations (pissa.qpissa); the residual model is then written in the
+            scheme's quantised layout (pissa.formats.quantized) with OUT/quant_report.json.
 
     Raises:
         PissaError: for bad input (model, spec against the model, output folder); nothing is
@@ -74,10 +83,25 @@ def run_init(model: str, out: str | Path, spec: AdapterSpec, *, backend: str = "
     targets = set(spec.resolve(shapes))
     ops = get_ops(backend, device)
     dtype = np_dtype(spec.dtype)
+    if quantize is not None:
+        if quant_iters < 1:
+            raise PissaError(f"--quant-iters {quant_iters} is not allowed; give 1 or more (5 is the paper's)")
+        check_backend(ops, quantize)
+        if spec.init not in ("pissa", "pissa-fast"):
+            raise PissaError(f"--quantize needs --init pissa or pissa-fast, not {spec.init}")
+        for module in sorted(targets):
+            check_fits(quantize, module, shapes[f"{module}.weight"])
 
-    steps = schedule(shapes, targets, svd_batch or getattr(ops, "svd_batch", 1))
-    plan = [(name, dtype, shapes[name]) for step in steps for name in step]
+    steps = schedule(shapes, targets, 1 if quantize else svd_batch or getattr(ops, "svd_batch", 1))
+    plan = []
+    for step in steps:
+        for name in step:
+            if quantize is not None and name[: -len(".weight")] in targets:
+                plan += qformat.plan(name[: -len(".weight")], shapes[name], quantize)
+            else:
+                plan.append((name, dtype, shapes[name]))
     factors: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    entries: dict[str, dict] = {}
     bar = tqdm(total=len(targets), desc=f"pissa init ({backend}, {spec.init})", unit="matrix",
                disable=not progress, file=sys.stderr)
     with hf.atomic_dir(out, force) as tmp:
@@ -88,7 +112,15 @@ def run_init(model: str, out: str | Path, spec: AdapterSpec, *, backend: str = "
                 raise PissaError(f"{step[0]} has dtype {arrays[0].dtype}; "
                                  "pissa handles models whose tensors are all floating point")
             modules = [name[: -len(".weight")] for name in step]
-            if modules[0] in targets:
+            if modules[0] in targets and quantize is not None:
+                qf = decompose_quantized(arrays[0], modules[0], spec, ops, quantize, quant_iters)
+                factors[modules[0]] = (qf.A, qf.B)
+                entries[modules[0]] = qf.entry()
+                for tname, tensor in qformat.pack(modules[0], qf.quantized):
+                    writer.write(tname, tensor)
+                bar.set_postfix_str(f"reduction {100 * entries[modules[0]]['reduction']:.1f}%")
+                bar.update(1)
+            elif modules[0] in targets:
                 results = decompose_many(arrays, modules, spec, ops)
                 for name, module, f in zip(step, modules, results):
                     factors[module] = (f.A, f.B)
@@ -99,16 +131,34 @@ def run_init(model: str, out: str | Path, spec: AdapterSpec, *, backend: str = "
             del arrays
         writer.close()
         bar.close()
-        hf.write_json(tmp / "config.json", hf.model_config(source.config, spec.dtype))
+        config = hf.model_config(source.config, spec.dtype)
+        for key in ("quantization", "quantization_config", "pissa_quantization"):
+            config.pop(key, None)  # the input's quantisation, if any, was undone by the loader
+        report = None
+        if quantize is not None:
+            linear = [n[: -len(".weight")] for n, shp in shapes.items()
+                      if n.endswith(".weight") and len(shp) == 2 and "embed" not in n]
+            config.update(qformat.config_entries(quantize, sorted(targets),
+                                                 [m for m in linear if m not in targets]))
+            report = {"scheme": quantize.name, "group_size": quantize.group_size, "bits": quantize.bits,
+                      "rank": spec.rank, "init": spec.init, "quant_iters": quant_iters,
+                      "compute_dtype": spec.compute_dtype, "metric": "nuclear norm",
+                      "by_module_type": summarize(entries), "matrices": entries}
+            hf.write_json(tmp / QUANT_REPORT, report)
+        hf.write_json(tmp / "config.json", config)
         if source.generation_config:
             hf.write_json(tmp / "generation_config.json", source.generation_config)
         source.save_tokenizer(tmp)
         (tmp / ADAPTER_DIR).mkdir()
-        adapter = Adapter(spec, factors, base_model=str(out.absolute()),
-                          info={"role": "pissa_init", "fingerprint": fingerprint(factors), "source": model})
+        info = {"role": "pissa_init", "fingerprint": fingerprint(factors), "source": model}
+        if quantize is not None:
+            info["quantization"] = {"scheme": quantize.name, "group_size": quantize.group_size,
+                                    "quant_iters": quant_iters}
+        adapter = Adapter(spec, factors, base_model=str(out.absolute()), info=info)
         save_adapter(tmp / ADAPTER_DIR, adapter)
     trainable = sum(A.size + B.size for A, B in factors.values())
-    return InitSummary(len(factors), trainable, time.perf_counter() - start, peak_rss_mib(), out)
+    return InitSummary(len(factors), trainable, time.perf_counter() - start, peak_rss_mib(), out,
+                       quant_table=table(report) if report else None)
 
 
 def schedule(shapes: dict[str, tuple[int, ...]], targets: set[str], batch: int) -> list[list[str]]:

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from pissa.errors import PissaError
+from pissa.formats import quantized
 from pissa.formats.safetensors import SafetensorsFile
 
 INDEX = "model.safetensors.index.json"
@@ -63,6 +64,9 @@ class HFSource:
             self._open_sharded()
         else:
             self._open_single()
+        # A quantised folder (MLX affine, bitsandbytes) is seen through its dequantised weights.
+        raw = {n: f.shape(n) for n, f in self._where.items()}
+        self._shapes, self._read = quantized.unquantized_view(self.config, raw, self._raw_get, str(self.path))
 
     def _open_sharded(self) -> None:
         index = self.path / INDEX
@@ -99,9 +103,12 @@ class HFSource:
         self._where = {n: f for n in f.keys()}
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
-        return {n: f.shape(n) for n, f in self._where.items()}
+        return dict(self._shapes)
 
     def get(self, name: str) -> np.ndarray:
+        return self._read(name)
+
+    def _raw_get(self, name: str) -> np.ndarray:
         a = self._where[name].get(name)
         if np.issubdtype(a.dtype, np.floating) or a.dtype.name == "bfloat16":
             return np.array(a, dtype=np.float32)  # a writable copy, not a view of the file

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from typing import Sequence
 
 from pissa.errors import PissaError
 
 EXIT_USAGE = 2
+_default_showwarning = warnings.showwarning
 
 
 class _Parser(argparse.ArgumentParser):
@@ -247,7 +249,18 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    # Our own warnings are for users: one line, no source location.
+    from pissa.convert import QuantizedBaseWarning
+
+    if issubclass(category, QuantizedBaseWarning):
+        print(f"pissa: warning: {message}", file=sys.stderr)
+    else:
+        _default_showwarning(message, category, filename, lineno, file, line)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    warnings.showwarning = _one_line_warning
     try:
         args = build_parser().parse_args(argv)
         return args.func(args)

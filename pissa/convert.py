@@ -9,11 +9,26 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 
 import numpy as np
 
 from pissa.errors import PissaError
 from pissa.formats.peft import Adapter
+
+
+class QuantizedBaseWarning(UserWarning):
+    """The converted LoRA of a QPiSSA run is exact only on the unquantised base model."""
+
+
+def quantized_base_note(initial: Adapter) -> str | None:
+    """The caveat for a LoRA converted from a QPiSSA init, or None for a plain PiSSA init."""
+    q = initial.info.get("quantization")
+    if not q:
+        return None
+    return (f"this adapter was trained on a {q.get('scheme')}-quantised residual (QPiSSA); the converted LoRA "
+            "reproduces the trained model exactly only on the unquantised original base, and on a quantised base "
+            "it carries that base's quantisation error (PEFT says the same of its conversions)")
 
 
 def pissa_to_lora(initial: Adapter, trained: Adapter) -> Adapter:
@@ -26,6 +41,9 @@ def pissa_to_lora(initial: Adapter, trained: Adapter) -> Adapter:
     Raises:
         PissaError: when `trained` did not start from `initial` (different fingerprint, modules,
             ranks or scales).
+
+    Warns:
+        QuantizedBaseWarning: when `initial` is a QPiSSA init (see quantized_base_note).
     """
     start = trained.info.get("init_fingerprint")
     if initial.info.get("role") != "pissa_init":
@@ -41,6 +59,9 @@ def pissa_to_lora(initial: Adapter, trained: Adapter) -> Adapter:
     if (si.rank, si.scale) != (st.rank, st.scale):
         raise PissaError(f"--initial has rank {si.rank} and scale {si.scale:g} but --trained has rank "
                          f"{st.rank} and scale {st.scale:g}; they are not the same run")
+    note = quantized_base_note(initial)
+    if note:
+        warnings.warn(note, QuantizedBaseWarning, stacklevel=2)
     factors = {}
     for m, (A0, B0) in initial.factors.items():
         A1, B1 = trained.factors[m]

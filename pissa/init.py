@@ -132,8 +132,6 @@ def run_init(model: str, out: str | Path, spec: AdapterSpec, *, backend: str = "
         writer.close()
         bar.close()
         config = hf.model_config(source.config, spec.dtype)
-        for key in ("quantization", "quantization_config", "pissa_quantization"):
-            config.pop(key, None)  # the input's quantisation, if any, was undone by the loader
         report = None
         if quantize is not None:
             linear = [n[: -len(".weight")] for n, shp in shapes.items()

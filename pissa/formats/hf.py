@@ -25,9 +25,11 @@ def model_config(config: Mapping, dtype: str) -> dict:
 
     transformers 5 keeps the rope base only in rope_parameters; mlx-lm 0.32 reads only a
     top-level rope_theta and otherwise silently uses 10000 (logits then differ by ~13%).
-    So the rope base is written in both places.
+    So the rope base is written in both places. The weights written are unquantised, so an
+    input model's quantisation keys are dropped (QPiSSA adds its own afterwards).
     """
-    cfg = dict(config)
+    cfg = {k: v for k, v in config.items()
+           if k not in ("quantization", "quantization_config", "pissa_quantization")}
     rope = cfg.get("rope_parameters")
     if isinstance(rope, dict) and "rope_theta" in rope:
         cfg.setdefault("rope_theta", rope["rope_theta"])

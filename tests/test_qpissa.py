@@ -117,6 +117,19 @@ def test_report_errors_are_the_nuclear_norms_they_claim(smollm2_matrices):
     assert e["reduction"] == pytest.approx(1 - f.errors[-1] / f.error_qlora)
 
 
+@pytest.mark.slow
+def test_affine4_beats_qlora_from_the_second_iteration(smollm2_matrices):
+    """affine4, group 64: after one iteration some MLP matrices are NOT better than QLoRA (on
+    the whole model, 39 of 210, measured): SmolLM2's weights were stored as Q4_1, an affine grid
+    with groups of 32, which an affine group of 64 partly reproduces, so QLoRA's own error is
+    unusually small there. From the second iteration every matrix is better (210 of 210)."""
+    spec = AdapterSpec(rank=16, init="pissa-fast", compute_dtype="float32")
+    s = scheme("affine4", 64)
+    for module, W in smollm2_matrices.items():
+        f = decompose_quantized(W, module, spec, NumpyOps(), s, 2)
+        assert f.errors[1] < f.error_qlora, (module, f.errors, f.error_qlora)
+
+
 @pytest.fixture(scope="module")
 def smollm2_nf4(tmp_path_factory):
     """pissa init on every linear matrix of SmolLM2, NF4, one iteration (the fast, float32 path)."""

@@ -19,6 +19,7 @@ from pissa.formats.peft import check_fits as _check_fits
 from pissa.spec import AdapterSpec
 from pissa_torch.layer import PissaLinear
 from pissa_torch.ops import make_ops
+from pissa_torch.quantized import AffineQuantLinear, compute_dtype, is_quantized, load_base
 
 
 def to_numpy(t: torch.Tensor) -> np.ndarray:
@@ -45,8 +46,10 @@ def pissa_layers(model: nn.Module) -> Iterator[tuple[str, PissaLinear]]:
             yield name, module
 
 
-def _targets(model: nn.Module, spec: AdapterSpec) -> dict[str, nn.Linear]:
-    found = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and spec.matches(n)}
+def _targets(model: nn.Module, spec: AdapterSpec) -> dict[str, nn.Module]:
+    # nn.Linear covers bitsandbytes' Linear4bit, a subclass.
+    found = {n: m for n, m in model.named_modules()
+             if isinstance(m, (nn.Linear, AffineQuantLinear)) and spec.matches(n)}
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if spec.targets == "all-linear" and output is not None:
         found = {n: m for n, m in found.items() if m is not output}
@@ -74,19 +77,23 @@ def apply(model: nn.Module, spec: AdapterSpec, adapter: Adapter | None = None,
     Without `adapter`, each target is decomposed now (on `device`, default the weight's) and its
     weight replaced by the residual, so the model computes the same function. With `adapter`
     (e.g. from pissa_init), the weights must already be the residuals and no SVD runs.
-    Afterwards only lora_A and lora_B are trainable.
+    Afterwards only lora_A and lora_B are trainable. Quantised targets (a QPiSSA residual,
+    see pissa_torch.quantized) need `adapter`; their factors take the layer's compute dtype.
 
     Raises:
-        PissaError: when targets match nothing, or the adapter does not fit the model (every
-            missing module and shape mismatch listed at once).
+        PissaError: when targets match nothing, the adapter does not fit the model (every
+            missing module and shape mismatch listed at once), or a quantised target has no adapter.
     """
     targets = _targets(model, spec)
     if adapter is not None:
-        _check_fits(adapter, {n: tuple(m.weight.shape) for n, m in targets.items()})
+        _check_fits(adapter, {n: (m.out_features, m.in_features) for n, m in targets.items()})
+    elif any(is_quantized(m) for m in targets.values()):
+        raise PissaError("this model's target layers are quantised, and PiSSA cannot start from a quantised "
+                         "weight; run `pissa init --quantize` on the unquantised model and load that folder")
     for name, linear in targets.items():
         w = linear.weight
         if adapter is not None:
-            A, B = (from_numpy(x).to(w.dtype) for x in adapter.factors[name])
+            A, B = (from_numpy(x).to(compute_dtype(linear)) for x in adapter.factors[name])
         else:
             ops = make_ops(device or str(w.device))
             f = decompose_many([to_numpy(w.float())], [name], spec, ops)[0]
@@ -101,15 +108,14 @@ def load(model_dir: str | Path, adapter_dir: str | Path | None = None, *, device
          dtype: torch.dtype = torch.float32) -> tuple[nn.Module, AdapterSpec]:
     """A residual model folder plus an adapter folder (default MODEL_DIR/pissa_init), no SVD.
 
+    The folder may hold a quantised residual (`pissa init --quantize`): nf4 loads as bitsandbytes
+    Linear4bit layers, int8 / affine4 as AffineQuantLinear (pissa_torch.quantized.load_base).
+
     Returns:
         (model, spec): the transformers model with PissaLinear layers, on `device`.
     """
-    from transformers import AutoModelForCausalLM
-
     adapter = peft_format.load_adapter(adapter_dir or Path(model_dir) / "pissa_init")
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
-    if device:
-        model.to(device)
+    model = load_base(model_dir, dtype=dtype, device=device)
     apply(model, adapter.spec, adapter)
     return model, adapter.spec
 

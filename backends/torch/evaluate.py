@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 from pissa.data import eval_split, pad_id
 from pissa.evaluate import exact_match
 from pissa_torch.api import load
+from pissa_torch.quantized import load_base
 from pissa_torch.train import autocast_for, eval_loss, pick_device
 
 
@@ -27,12 +28,10 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, device) 
 
 def load_for_inference(model_dir: Path, adapter, dev):
     """A pissa init folder (with its pissa_init or the given adapter), or a plain model folder."""
-    from transformers import AutoModelForCausalLM
-
     if adapter or (model_dir / "pissa_init").is_dir():
         model, _ = load(model_dir, adapter, device=str(dev))
     else:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(dev)
+        model = load_base(model_dir, dtype=torch.float32, device=dev)
     return model.eval()
 
 

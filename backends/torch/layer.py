@@ -1,7 +1,11 @@
-"""PissaLinear: an nn.Linear holding W_res, plus the trainable factors A [r, in] and B [out, r].
+"""PissaLinear: a base linear layer holding W_res, plus the trainable factors A [r, in] and B [out, r].
 
-y = x W_res^T + s * (dropout(x) A^T) B^T. It wraps and unwraps itself in the mlx-lm style:
+y = base(x) + s * (dropout(x) A^T) B^T. It wraps and unwraps itself in the mlx-lm style:
 PissaLinear.from_base(linear, A, B, scale) and layer.fuse() -> nn.Linear.
+The base is an nn.Linear, or for QPiSSA a quantised one (a bitsandbytes Linear4bit or an
+AffineQuantLinear, see pissa_torch.quantized) holding deq(Q(W_res)): forward and fuse work on
+it, merge refuses (adding s*B@A into a quantised weight would re-quantise it, which changes
+the model and cannot be undone).
 """
 
 from __future__ import annotations
@@ -9,14 +13,17 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from pissa.errors import PissaError
+from pissa_torch.quantized import compute_dtype, dequantized_weight, is_quantized
+
 
 class PissaLinear(nn.Module):
-    def __init__(self, base: nn.Linear, A: torch.Tensor, B: torch.Tensor, scale: float, dropout: float = 0.0):
+    def __init__(self, base: nn.Module, A: torch.Tensor, B: torch.Tensor, scale: float, dropout: float = 0.0):
         super().__init__()
-        out_features, in_features = base.weight.shape
+        out_features, in_features = base.out_features, base.in_features
         if A.shape != (A.shape[0], in_features) or B.shape != (out_features, A.shape[0]):
             raise ValueError(f"A {tuple(A.shape)} and B {tuple(B.shape)} do not fit a weight "
-                             f"{tuple(base.weight.shape)}")
+                             f"{(out_features, in_features)}")
         self.base = base
         self.base.requires_grad_(False)
         # The factors live in the base weight's dtype and device unless given otherwise.
@@ -27,9 +34,9 @@ class PissaLinear(nn.Module):
         self.merged = False
 
     @classmethod
-    def from_base(cls, base: nn.Linear, A: torch.Tensor, B: torch.Tensor, scale: float,
+    def from_base(cls, base: nn.Module, A: torch.Tensor, B: torch.Tensor, scale: float,
                   dropout: float = 0.0) -> "PissaLinear":
-        """Wrap `base`, whose weight must already be the residual W_res."""
+        """Wrap `base` (nn.Linear or a quantised linear), whose weight must already be the residual W_res."""
         return cls(base, A, B, scale, dropout)
 
     @property
@@ -37,8 +44,8 @@ class PissaLinear(nn.Module):
         return self.lora_A.shape[0]
 
     def delta(self) -> torch.Tensor:
-        """s * B @ A, [out, in], in the base weight's dtype."""
-        return (self.lora_B @ self.lora_A * self.scale).to(self.base.weight.dtype)
+        """s * B @ A, [out, in], in the base's compute dtype."""
+        return (self.lora_B @ self.lora_A * self.scale).to(compute_dtype(self.base))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
@@ -50,7 +57,14 @@ class PissaLinear(nn.Module):
 
     @torch.no_grad()
     def merge(self) -> None:
-        """Add s*B@A into the base weight; forward then skips the adapter. unmerge() undoes it."""
+        """Add s*B@A into the base weight; forward then skips the adapter. unmerge() undoes it.
+
+        Raises:
+            PissaError: on a quantised base (QPiSSA), which cannot take the sum exactly.
+        """
+        if is_quantized(self.base):
+            raise PissaError("cannot merge an adapter into a quantised base (QPiSSA): it would re-quantise the "
+                             "weight; run `pissa merge` on the unquantised model, or fuse() for a float layer")
         if not self.merged:
             self.base.weight += self.delta()
             self.merged = True
@@ -63,10 +77,13 @@ class PissaLinear(nn.Module):
 
     @torch.no_grad()
     def fuse(self) -> nn.Linear:
-        """A plain nn.Linear computing W_res + s*B@A (this layer is left unchanged)."""
+        """A plain nn.Linear computing W_res + s*B@A (this layer is left unchanged). On a quantised
+        base it is deq(Q(W_res)) + s*B@A in the compute dtype: the function the layer computes,
+        as a float layer (as large as the unquantised one)."""
+        weight = dequantized_weight(self.base)
         fused = nn.Linear(self.base.in_features, self.base.out_features, bias=self.base.bias is not None,
-                          device=self.base.weight.device, dtype=self.base.weight.dtype)
-        fused.weight.copy_(self.base.weight if self.merged else self.base.weight + self.delta())
+                          device=weight.device, dtype=compute_dtype(self.base))
+        fused.weight.copy_(weight if self.merged else weight + self.delta())
         if self.base.bias is not None:
             fused.bias.copy_(self.base.bias)
         return fused

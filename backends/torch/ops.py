@@ -20,6 +20,8 @@ class TorchOps:
     """
 
     name = "torch"
+    # nf4 through bitsandbytes, the affine schemes in plain torch (pissa_torch.quant).
+    quant_schemes = ("nf4", "int8", "affine4")
 
     def __init__(self, device: torch.device):
         self.device = device
@@ -54,6 +56,16 @@ class TorchOps:
 
     def round_to(self, x: torch.Tensor, dtype: str) -> torch.Tensor:
         return x.to(torch.float32).to(_STORAGE[dtype]).to(x.dtype)
+
+    def quantize(self, x: torch.Tensor, scheme):
+        """(QTensor on the host, bit-identical to pissa.quant; deq(Q(x)) on x's device in x's
+        dtype). See pissa_torch.quant."""
+        from pissa_torch.quant import quantize
+
+        return quantize(x, scheme)
+
+    def svdvals(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.linalg.svdvals(x)
 
 
 def make_ops(device: str | None = None) -> TorchOps:

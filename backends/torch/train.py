@@ -25,6 +25,7 @@ from pissa.errors import PissaError
 from pissa.formats import peft as peft_format
 from pissa.training import RunDir, TrainConfig, initial_adapter, lr_at, save_config
 from pissa_torch.api import adapter_of, apply
+from pissa_torch.quantized import load_base
 
 
 def pick_device(device: str | None) -> torch.device:
@@ -82,7 +83,7 @@ def train(model_dir: str | Path, data: str | Path, out: str | Path, cfg: TrainCo
         PissaError: bad data or options (before any step runs), or a loss that became NaN/inf
             (after keeping the last good checkpoint).
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     # ---------------------------------------------------------------- set-up
     dev = pick_device(device)
@@ -109,7 +110,7 @@ def train(model_dir: str | Path, data: str | Path, out: str | Path, cfg: TrainCo
                            "model_dir": str(model_dir.absolute()), "data": str(data), "spec": spec.to_dict()})
 
     torch.manual_seed(cfg.seed)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(dev)
+    model = load_base(model_dir, dtype=torch.float32, device=dev)  # plain or QPiSSA-quantised residual
     apply(model, spec, start_adapter)
     if cfg.grad_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -1,7 +1,12 @@
 """Benchmark the torch backend against PEFT, side by side in one run, on SmolLM2-135M (fp32,
 all linear layers, r=16). Prints a table of ratios; docs/benchmarks.md records the figures.
 
-    python scripts/bench_torch.py [--device cpu|cuda] [--quick] [--skip-quality]
+    python scripts/bench_torch.py [--device cpu|cuda] [--quick] [--skip-quality] [--qpissa | --skip-qpissa]
+
+QPiSSA rows (nf4): init time per iteration (--quant-iters 1 against 5), peak memory of QPiSSA
+training against PiSSA training at fp32, and tokens/s of QPiSSA training against QLoRA (PEFT LoRA
+on the same bitsandbytes NF4 base). --qpissa runs only those; --smoke shrinks everything to prove
+the script runs (its numbers mean nothing).
 
 Each measurement runs in a fresh subprocess, so peak memory (ru_maxrss on the CPU,
 torch.cuda.max_memory_allocated on CUDA) belongs to that measurement alone.
@@ -51,6 +56,19 @@ def init_ours(init: str, compute: str, device: str, out: str) -> dict:
     return {"seconds": time.perf_counter() - t}
 
 
+def init_qpissa(scheme: str, iters: int, targets: str, device: str, out: str) -> dict:
+    from pissa.init import run_init
+    from pissa.quant import scheme as make_scheme
+    from pissa.spec import AdapterSpec
+
+    t = time.perf_counter()
+    names = targets if targets == "all-linear" else tuple(targets.split(","))
+    run_init("smollm2-135m", out, AdapterSpec(rank=16, init="pissa-fast", targets=names), backend="torch",
+             device=device, progress=False, force=True, quantize=make_scheme(scheme), quant_iters=iters)
+    sync(device)
+    return {"seconds": time.perf_counter() - t}
+
+
 def init_peft(init: str, device: str, out: str) -> dict:
     import torch
     from peft import LoraConfig, get_peft_model
@@ -86,10 +104,18 @@ def train_speed(which: str, model_dir: str, device: str, steps: int) -> dict:
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    if which == "ours":
+    if which == "ours":  # PiSSA, or QPiSSA on a quantised folder
         from pissa_torch import load
 
         model, _ = load(model_dir, device=device)
+    elif which == "qlora":  # PEFT LoRA on the folder's bitsandbytes NF4 layers: QLoRA's compute path
+        from peft import LoraConfig, get_peft_model
+
+        from pissa_torch.quantized import load_base
+
+        modules = json.loads((Path(model_dir) / "config.json").read_text())["pissa_quantization"]["modules"]
+        model = get_peft_model(load_base(model_dir, device=device),
+                               LoraConfig(r=16, lora_alpha=16, target_modules=modules, task_type="CAUSAL_LM"))
     else:
         from peft import PeftModel
 
@@ -139,7 +165,8 @@ def quality(init: str, lr: float, steps: int, device: str, work: str) -> dict:
 
 def child(spec: str) -> None:
     kind, args = json.loads(spec)
-    fn = {"init_ours": init_ours, "init_peft": init_peft, "train_speed": train_speed, "quality": quality}[kind]
+    fn = {"init_ours": init_ours, "init_peft": init_peft, "init_qpissa": init_qpissa, "train_speed": train_speed,
+          "quality": quality}[kind]
     print("RESULT " + json.dumps(fn(*args)), flush=True)
 
 
@@ -159,6 +186,10 @@ def main() -> None:
     ap.add_argument("--device", default=None)
     ap.add_argument("--quick", action="store_true", help="fewer timing steps and quality steps")
     ap.add_argument("--skip-quality", action="store_true", help="skip the PiSSA vs LoRA eval-loss runs")
+    ap.add_argument("--qpissa", action="store_true", help="only the QPiSSA rows")
+    ap.add_argument("--skip-qpissa", action="store_true", help="leave out the QPiSSA rows")
+    ap.add_argument("--smoke", action="store_true", help="QPiSSA rows at toy sizes (q_proj only, 1 step): proves "
+                                                         "the script runs, the numbers mean nothing")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
@@ -171,6 +202,9 @@ def main() -> None:
           f"torch {torch.__version__}, {time.strftime('%Y-%m-%d')}")
     rows: list[tuple[str, str, str, str]] = []
     with tempfile.TemporaryDirectory() as work:
+        if a.qpissa or a.smoke:
+            print_table(["measure", "QPiSSA", "baseline", "ratio"], qpissa_rows(work, device, a.quick, a.smoke))
+            return
         # A first run pays for the cold page cache and first imports; it once made our init look
         # 2x slower than the same measurement repeated. Warm up, then take the best of two
         # interleaved runs per side.
@@ -195,6 +229,9 @@ def main() -> None:
         rows.append(("train peak memory (MiB)", f"{ours['peak_mib']:.0f}", f"{peft['peak_mib']:.0f}",
                      f"{ours['peak_mib'] / peft['peak_mib']:.2f} (target <= 1.0)"))
         print_table(["measure", "ours", "PEFT", "ratio"], rows)
+        if not a.skip_qpissa:
+            print()
+            print_table(["measure", "QPiSSA", "baseline", "ratio"], qpissa_rows(work, device, a.quick, False))
         if a.skip_quality:
             return
         qsteps = 10 if a.quick else 40
@@ -206,6 +243,31 @@ def main() -> None:
         print(f"\n# eval loss after {qsteps} steps (batch 4, r=16, all linear, arithmetic chat task, "
               "loss on completions; PEFT anchor: lr 2e-5 PiSSA 0.17 / LoRA 0.84, lr 2e-4 0.16 / 0.15)")
         print_table(["lr", "PiSSA", "LoRA", "PiSSA / LoRA"], qrows)
+
+
+def qpissa_rows(work: str, device: str, quick: bool, smoke: bool) -> list[tuple[str, str, str, str]]:
+    """nf4 QPiSSA against its baselines: init time per iteration, training memory and speed."""
+    targets = "q_proj" if smoke else "all-linear"
+    iters = 2 if quick or smoke else 5
+    steps = 1 if smoke else 3 if quick else 8
+    rows = []
+    t1 = measure("init_qpissa", "nf4", 1, targets, device, f"{work}/q1")["seconds"]
+    tn = measure("init_qpissa", "nf4", iters, targets, device, f"{work}/qn")["seconds"]
+    rows.append((f"QPiSSA nf4 init ({targets}): {iters} iterations vs 1", f"{tn:.1f} s", f"{t1:.1f} s",
+                 f"{(tn - t1) / (iters - 1):.1f} s per extra iteration"))
+    plain = f"{work}/o-pissa-fast"
+    if not Path(plain).exists():
+        measure("init_ours", "pissa-fast", "float32", device, plain)
+    q = measure("train_speed", "ours", f"{work}/q1", device, steps)
+    p = measure("train_speed", "ours", plain, device, steps)
+    qlora = measure("train_speed", "qlora", f"{work}/q1", device, steps)
+    rows.append(("train peak memory (MiB): QPiSSA vs PiSSA fp32", f"{q['peak_mib']:.0f}", f"{p['peak_mib']:.0f}",
+                 f"{q['peak_mib'] / p['peak_mib']:.2f}"))
+    rows.append(("train tokens/s, batch 4 x 256: QPiSSA vs QLoRA (PEFT)", f"{q['tokens_per_s']:.0f}",
+                 f"{qlora['tokens_per_s']:.0f}", f"{q['tokens_per_s'] / qlora['tokens_per_s']:.2f} (target >= 1.0)"))
+    rows.append(("train peak memory (MiB): QPiSSA vs QLoRA (PEFT)", f"{q['peak_mib']:.0f}", f"{qlora['peak_mib']:.0f}",
+                 f"{q['peak_mib'] / qlora['peak_mib']:.2f}"))
+    return rows
 
 
 def print_table(head: list[str], rows: list[tuple]) -> None:

@@ -1,8 +1,14 @@
 """Benchmark the MLX backend on SmolLM2-135M (fp32, all linear layers, r=16), side by side in one
-run: training against mlx-lm's own LoRA, and init against the torch backend on the same machine.
+run: training against mlx-lm's own LoRA, and init against the torch backend on the same machine;
+then QPiSSA (affine4, group 64): init time per iteration, training memory against PiSSA's, and
+training speed against QLoRA (mlx-lm's LoRA on the model quantised by mlx-lm's quantize_model).
 Prints a table of ratios; docs/benchmarks.md records the figures.
 
-    python scripts/bench_mlx.py [--quick]
+    python scripts/bench_mlx.py [--quick] [--only pissa|qpissa] [--targets all-linear] [--steps N] [--seq N]
+
+--targets, --steps and --seq shrink a smoke run (e.g. --only qpissa --targets q_proj --steps 1
+--seq 32); the full benchmark uses their defaults. On the CPU, mlx-lm's QLoRA step is slow (MLX's
+CPU quantized_matmul has no BLAS behind it), so its row takes minutes per step at 4 x 256.
 
 On Linux, run it with OpenBLAS preloaded (`. scripts/env.sh` does it), or MLX's matmuls use the
 reference BLAS and every MLX figure is 20-30x slower. Each measurement runs in a fresh subprocess,
@@ -20,17 +26,22 @@ import tempfile
 import time
 from pathlib import Path
 
-BATCH, SEQ = 4, 256
+BATCH = 4
+SEQ = int(os.environ.get("PISSA_BENCH_SEQ", "256"))  # --seq sets it for the children too (smoke runs)
+QUANT, GROUP = "affine4", 64  # QPiSSA's scheme here, and the 4-bit group-64 quantisation of QLoRA
 
 
 # ---------------------------------------------------------------- measurements (child side)
-def init_time(backend: str, init: str, compute: str, out: str) -> dict:
+def init_time(backend: str, init: str, compute: str, out: str, targets: str = "all-linear",
+              quantize: str | None = None, quant_iters: int = 1) -> dict:
     from pissa.init import run_init
-    from pissa.spec import AdapterSpec
+    from pissa.quant import scheme
+    from pissa.spec import AdapterSpec, parse_targets
 
     t = time.perf_counter()
-    run_init("smollm2-135m", out, AdapterSpec(rank=16, init=init, compute_dtype=compute), backend=backend,
-             progress=False, force=True)
+    run_init("smollm2-135m", out, AdapterSpec(rank=16, init=init, compute_dtype=compute, targets=parse_targets(targets)),
+             backend=backend, progress=False, force=True, quantize=scheme(quantize, GROUP) if quantize else None,
+             quant_iters=quant_iters)
     return {"seconds": time.perf_counter() - t}
 
 
@@ -45,7 +56,14 @@ def _timed_steps(step, steps: int) -> float:
 
 
 def train_speed(which: str, model_dir: str, steps: int) -> dict:
-    """Tokens/s of forward + backward + AdamW at batch 4 x 256, each side with its own loop's step."""
+    """Tokens/s of forward + backward + AdamW at batch 4 x 256, each side with its own loop's step.
+
+    which: "ours" (a pissa init folder, QPiSSA ones included), "mlx-lm" (its LoRA, r=16, on every
+    linear layer of the folder's model) or "mlx-lm-q4" (QLoRA: the same after mlx-lm's
+    quantize_model, 4-bit affine, group 64, as `mlx_lm.convert -q` does: every Linear and the
+    embedding). Speed and memory do not depend on the weights' values, so the baselines may run
+    on the residual folder's weights.
+    """
     import mlx.core as mx
 
     from pissa.init import peak_rss_mib
@@ -81,7 +99,11 @@ def train_speed(which: str, model_dir: str, steps: int) -> dict:
         from mlx_lm.tuner.utils import linear_to_lora_layers
         from mlx_lm.utils import load_model
 
-        model, _ = load_model(Path(model_dir))
+        model, config = load_model(Path(model_dir))
+        if which == "mlx-lm-q4":
+            from mlx_lm.utils import quantize_model
+
+            model, _ = quantize_model(model, config, group_size=GROUP, bits=4)
         model.freeze()
         linear_to_lora_layers(model, len(model.layers), {"rank": 16, "scale": 1.0, "dropout": 0.0})
         model.train()
@@ -123,8 +145,13 @@ def measure(*args) -> dict:
 
 
 def main() -> None:
+    global SEQ
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer timing steps")
+    ap.add_argument("--only", choices=("pissa", "qpissa"), help="run only the PiSSA or only the QPiSSA rows")
+    ap.add_argument("--targets", default="all-linear", help="layers to decompose (all-linear; narrower for a smoke run)")
+    ap.add_argument("--steps", type=int, default=None, help="timed training steps (default 6, 3 with --quick)")
+    ap.add_argument("--seq", type=int, default=None, help=f"sequence length of the training batches (default {SEQ})")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
@@ -137,25 +164,58 @@ def main() -> None:
     if sys.platform == "linux" and "openblas" not in blas:
         print("# warning: OpenBLAS is not preloaded; MLX matmuls use the reference BLAS (. scripts/env.sh)")
     rows: list[tuple[str, str, str, str]] = []
+    steps = a.steps or (3 if a.quick else 6)
+    if a.seq:
+        SEQ = a.seq
+        os.environ["PISSA_BENCH_SEQ"] = str(a.seq)
     with tempfile.TemporaryDirectory() as work:
-        for init in ("pissa", "pissa-fast"):
-            for compute in ("float64", "float32"):
-                m = measure("init_time", "mlx", init, compute, f"{work}/m-{init}-{compute}")["seconds"]
-                t = measure("init_time", "torch", init, compute, f"{work}/t-{init}-{compute}")["seconds"]
-                rows.append((f"init {init} ({compute}), end to end", f"{m:.1f} s", f"{t:.1f} s (torch)",
-                             f"{m / t:.2f} (reported)"))
-        steps = 3 if a.quick else 6
         model_dir = f"{work}/m-pissa-fast-float64"
+        if a.only in (None, "pissa"):
+            for init in ("pissa", "pissa-fast"):
+                for compute in ("float64", "float32"):
+                    m = measure("init_time", "mlx", init, compute, f"{work}/m-{init}-{compute}", a.targets)["seconds"]
+                    t = measure("init_time", "torch", init, compute, f"{work}/t-{init}-{compute}", a.targets)["seconds"]
+                    rows.append((f"init {init} ({compute}), end to end", f"{m:.1f} s", f"{t:.1f} s (torch)",
+                                 f"{m / t:.2f} (reported)"))
+        else:
+            measure("init_time", "mlx", "pissa-fast", "float64", model_dir, a.targets)
         ours = measure("train_speed", "ours", model_dir, steps)
-        theirs = measure("train_speed", "mlx-lm", model_dir, steps)
-        rows.append((f"train tokens/s, batch {BATCH} x {SEQ}", f"{ours['tokens_per_s']:.0f}",
-                     f"{theirs['tokens_per_s']:.0f} (mlx-lm)",
-                     f"{ours['tokens_per_s'] / theirs['tokens_per_s']:.2f} (target >= 1.0)"))
-        rows.append(("train peak MLX memory (MiB)", f"{ours['peak_mib']:.0f}", f"{theirs['peak_mib']:.0f} (mlx-lm)",
-                     f"{ours['peak_mib'] / theirs['peak_mib']:.2f} (target <= 1.05)"))
-        rows.append(("train peak process RSS (MiB)", f"{ours['rss_mib']:.0f}", f"{theirs['rss_mib']:.0f} (mlx-lm)",
-                     f"{ours['rss_mib'] / theirs['rss_mib']:.2f}"))
+        if a.only in (None, "pissa"):
+            theirs = measure("train_speed", "mlx-lm", model_dir, steps)
+            rows.append((f"train tokens/s, batch {BATCH} x {SEQ}", f"{ours['tokens_per_s']:.0f}",
+                         f"{theirs['tokens_per_s']:.0f} (mlx-lm)",
+                         f"{ours['tokens_per_s'] / theirs['tokens_per_s']:.2f} (target >= 1.0)"))
+            rows.append(("train peak MLX memory (MiB)", f"{ours['peak_mib']:.0f}", f"{theirs['peak_mib']:.0f} (mlx-lm)",
+                         f"{ours['peak_mib'] / theirs['peak_mib']:.2f} (target <= 1.05)"))
+            rows.append(("train peak process RSS (MiB)", f"{ours['rss_mib']:.0f}", f"{theirs['rss_mib']:.0f} (mlx-lm)",
+                         f"{ours['rss_mib'] / theirs['rss_mib']:.2f}"))
+        if a.only in (None, "qpissa"):
+            rows += qpissa_rows(work, model_dir, ours, steps, a.targets)
     print_table(["measure", "ours (mlx)", "reference", "ratio"], rows)
+
+
+def qpissa_rows(work: str, model_dir: str, pissa: dict, steps: int, targets: str) -> list[tuple[str, str, str, str]]:
+    """QPiSSA (affine4, pissa-fast, float64 compute): init with 1 and 5 iterations (the extra
+    iterations' cost is the time per iteration), then training on the 1-iteration folder against
+    PiSSA's training (memory; `pissa` is its train_speed) and against QLoRA (speed)."""
+    q1, q5 = f"{work}/q-1", f"{work}/q-5"
+    t1 = measure("init_time", "mlx", "pissa-fast", "float64", q1, targets, QUANT, 1)["seconds"]
+    t5 = measure("init_time", "mlx", "pissa-fast", "float64", q5, targets, QUANT, 5)["seconds"]
+    ours = measure("train_speed", "ours", q1, steps)
+    qlora = measure("train_speed", "mlx-lm-q4", model_dir, steps)
+    return [
+        (f"QPiSSA init {QUANT}, 1 vs 5 iterations", f"{t1:.1f} s / {t5:.1f} s", "",
+         f"{(t5 - t1) / 4:.1f} s per extra iteration"),
+        ("QPiSSA train peak MLX memory (MiB)", f"{ours['peak_mib']:.0f}", f"{pissa['peak_mib']:.0f} (PiSSA fp32)",
+         f"{ours['peak_mib'] / pissa['peak_mib']:.2f}"),
+        ("QPiSSA train peak process RSS (MiB)", f"{ours['rss_mib']:.0f}", f"{pissa['rss_mib']:.0f} (PiSSA fp32)",
+         f"{ours['rss_mib'] / pissa['rss_mib']:.2f}"),
+        (f"QPiSSA train tokens/s, batch {BATCH} x {SEQ}", f"{ours['tokens_per_s']:.0f}",
+         f"{qlora['tokens_per_s']:.0f} (QLoRA, mlx-lm 4-bit g{GROUP})",
+         f"{ours['tokens_per_s'] / qlora['tokens_per_s']:.2f}"),
+        ("QPiSSA train peak MLX memory vs QLoRA (MiB)", f"{ours['peak_mib']:.0f}", f"{qlora['peak_mib']:.0f} (QLoRA)",
+         f"{ours['peak_mib'] / qlora['peak_mib']:.2f}"),
+    ]
 
 
 def print_table(head: list[str], rows: list[tuple]) -> None:

@@ -7,12 +7,13 @@ Module paths are mlx-lm's, which for Llama-family models are the Hugging Face on
 
 from __future__ import annotations
 
+import json
+from collections.abc import Collection, Iterator
 from pathlib import Path
-from typing import Iterator
 
 import ml_dtypes
 import numpy as np
-from pissa_mlx.layer import QUANTIZED_BASE, PissaLinear
+from pissa_mlx.layer import NOT_QPISSA, QUANTIZED_BASE, QUANTIZED_MERGE, PissaLinear, weight_shape
 from pissa_mlx.ops import make_ops
 
 import mlx.core as mx
@@ -47,15 +48,24 @@ def pissa_layers(model: nn.Module) -> Iterator[tuple[str, PissaLinear]]:
             yield name, module
 
 
-def _targets(model: nn.Module, spec: AdapterSpec) -> dict[str, nn.Linear]:
+def _some(names: list[str]) -> str:
+    return f"{names[0]} (and {len(names) - 1} more)" if len(names) > 1 else names[0]
+
+
+def _targets(model: nn.Module, spec: AdapterSpec, decompose: bool,
+             quantized_residuals: Collection[str]) -> dict[str, nn.Linear]:
     if any(True for _ in pissa_layers(model)):
         raise PissaError("this model already has PiSSA layers; load a fresh model to apply an adapter")
     found = {n: m for n, m in model.named_modules()
              if n and isinstance(m, (nn.Linear, nn.QuantizedLinear)) and spec.matches(n)}
     quantized = [n for n, m in found.items() if isinstance(m, nn.QuantizedLinear)]
-    if quantized:
-        raise PissaError(QUANTIZED_BASE.format(name=f"{quantized[0]} (and {len(quantized) - 1} more)"
-                                               if len(quantized) > 1 else quantized[0]))
+    if quantized and decompose:
+        raise PissaError(QUANTIZED_BASE.format(name=_some(quantized)))
+    # A quantised layer that QPiSSA did not write holds Q(W), not Q(W_res): W + s*B@A would be
+    # silently wrong, so only the residuals that the folder's config lists are accepted.
+    foreign = [n for n in quantized if n not in set(quantized_residuals)]
+    if foreign:
+        raise PissaError(NOT_QPISSA.format(name=_some(foreign)))
     if not found:
         raise PissaError(f"targets {spec.describe_targets()} match no nn.Linear of this model; "
                          "use all-linear or module names such as q_proj,v_proj")
@@ -68,29 +78,41 @@ def _freeze_all_but_adapters(model: nn.Module) -> None:
         layer.unfreeze(keys=list(ADAPTER_KEYS), recurse=False)
 
 
+def quantized_residuals(model_dir: str | Path) -> set[str]:
+    """The modules of a QPiSSA folder whose weights are quantised residuals Q(W_res): config.json's
+    "pissa_quantization" "modules" (written by pissa init --quantize); empty for other folders."""
+    path = Path(model_dir) / "config.json"
+    config = json.loads(path.read_text()) if path.is_file() else {}
+    return set((config.get("pissa_quantization") or {}).get("modules", ()))
+
+
 def apply(model: nn.Module, spec: AdapterSpec, adapter: Adapter | None = None,
-          device: str | None = None) -> nn.Module:
+          device: str | None = None, *, quantized_residuals: Collection[str] = ()) -> nn.Module:
     """Wrap the spec's target nn.Linear layers of `model` in PissaLinear, in place.
 
     Without `adapter`, each target is decomposed now (with pissa_mlx.ops on `device`, default
     MLX's) and its weight replaced by the residual, so the model computes the same function.
     With `adapter` (e.g. from pissa_init), the weights must already be the residuals and no SVD
-    runs. Afterwards only lora_A and lora_B are trainable.
+    runs. A target may then be an nn.QuantizedLinear holding Q(W_res) if it is named in
+    `quantized_residuals` (QPiSSA; see quantized_residuals(model_dir)). Afterwards only lora_A
+    and lora_B are trainable.
 
     Raises:
-        PissaError: when targets match nothing, a target is an nn.QuantizedLinear (QPiSSA starts
-            from the unquantised model), or the adapter does not fit the model (every missing
-            module and shape mismatch listed at once).
+        PissaError: when targets match nothing, a target is an nn.QuantizedLinear that is to be
+            decomposed (its full-precision weight is gone: QPiSSA decomposes the unquantised
+            model in `pissa init --quantize`) or that is not a listed QPiSSA residual, or the
+            adapter does not fit the model (every missing module and shape mismatch listed).
     """
-    targets = _targets(model, spec)
+    targets = _targets(model, spec, adapter is None, quantized_residuals)
     if adapter is not None:
-        check_fits(adapter, {n: tuple(m.weight.shape) for n, m in targets.items()})
+        check_fits(adapter, {n: weight_shape(m) for n, m in targets.items()})
     ops = None
     wrapped = []
     for name, linear in targets.items():
         w = linear.weight
         if adapter is not None:
-            A, B = (from_numpy(x).astype(w.dtype) for x in adapter.factors[name])
+            dtype = linear.scales.dtype if isinstance(linear, nn.QuantizedLinear) else w.dtype
+            A, B = (from_numpy(x).astype(dtype) for x in adapter.factors[name])
         else:
             ops = ops or make_ops(device)
             f = decompose_many([to_numpy(w.astype(mx.float32))], [name], spec, ops)[0]
@@ -124,6 +146,8 @@ def load_base(model_dir: str | Path, dtype: mx.Dtype | None = mx.float32) -> nn.
 def load(model_dir: str | Path, adapter_dir: str | Path | None = None, *,
          dtype: mx.Dtype | None = mx.float32) -> tuple[nn.Module, AdapterSpec]:
     """A residual model folder plus an adapter folder (default MODEL_DIR/pissa_init), no SVD.
+    A QPiSSA folder (`pissa init --quantize affine4|int8`) loads with its quantised residuals as
+    nn.QuantizedLinear bases (mlx-lm reads the layout); `dtype` then applies to their scales.
 
     Returns:
         (model, spec): the mlx-lm model with PissaLinear layers, weights in `dtype`.
@@ -133,12 +157,19 @@ def load(model_dir: str | Path, adapter_dir: str | Path | None = None, *,
     """
     adapter = peft_format.load_adapter(adapter_dir or Path(model_dir) / "pissa_init")
     model = load_base(model_dir, dtype)
-    apply(model, adapter.spec, adapter)
+    apply(model, adapter.spec, adapter, quantized_residuals=quantized_residuals(model_dir))
     return model, adapter.spec
 
 
 def merge(model: nn.Module) -> nn.Module:
-    """Add every adapter into its base weight (forward unchanged, faster). unmerge() undoes it."""
+    """Add every adapter into its base weight (forward unchanged, faster). unmerge() undoes it.
+
+    Raises:
+        PissaError: when a layer has a quantised base (QPiSSA), before any layer is merged.
+    """
+    quantized = [name for name, layer in pissa_layers(model) if layer.quantized]
+    if quantized:
+        raise PissaError(QUANTIZED_MERGE.format(name=_some(quantized)))
     for _, layer in pissa_layers(model):
         layer.merge()
     return model

@@ -4,27 +4,82 @@ y = x W_res^T + s * (dropout(x) A^T) B^T, the orientation used everywhere in pis
 mlx-lm's [in, r] / [r, out]; pissa.formats.mlx_lm converts at the file boundary). It wraps and
 unwraps itself in the mlx-lm style: PissaLinear.from_base(linear, A, B, scale) and
 layer.fuse() -> nn.Linear.
+
+QPiSSA: the base may be an nn.QuantizedLinear holding Q(W_res), as mlx-lm loads the residual
+model that `pissa init --quantize affine4|int8` writes; y = deq(Q(W_res)) x + s B A x, the base
+frozen and only A and B trained. merge()/unmerge() refuse such a base (adding s*B@A into a
+quantised weight would requantise it: the function would change and unmerge could not undo it);
+fuse() dequantises, giving the float nn.Linear deq(Q(W_res)) + s*B@A exactly.
+On the CPU a quantised base computes x deq(Q)^T with a dense matmul (see dequantized_matmul).
 """
 
 from __future__ import annotations
+
+import functools
 
 import mlx.core as mx
 from mlx import nn
 from pissa.errors import PissaError
 
-QUANTIZED_BASE = ("quantised base layer {name}: PiSSA needs the full-precision weight to decompose; "
-                  "run pissa init on the unquantised model")
+QUANTIZED_BASE = ("quantised base layer {name}: PiSSA needs the full-precision weight to decompose; run QPiSSA "
+                  "on the unquantised model instead: pissa init MODEL --quantize affine4, then load that folder")
+NOT_QPISSA = ("quantised base layer {name} is not a QPiSSA residual (the folder's config.json lists no "
+              "pissa_quantization module of that name); load a folder written by pissa init --quantize "
+              "affine4|int8, or run pissa init on the unquantised model")
+QUANTIZED_MERGE = ("{name} has a quantised base (QPiSSA): merging would requantise it and change the model; "
+                   "use fuse() for a full-precision layer, or pissa merge for a full-precision model folder")
+
+
+def weight_shape(base: nn.Module) -> tuple[int, int]:
+    """[out, in] of an nn.Linear or nn.QuantizedLinear (whose weight holds 32 / bits codes per word)."""
+    out_features, cols = base.weight.shape
+    if isinstance(base, nn.QuantizedLinear):
+        return out_features, cols * 32 // base.bits
+    return out_features, cols
+
+
+@functools.cache
+def dequantized_matmul(group_size: int, bits: int, mode: str):
+    """f(x, w, scales, biases) = x @ dequantize(w)^T, whose backward dequantises w again.
+
+    Why: MLX's CPU quantized_matmul has no BLAS behind it. Measured here (x [1024, 576], W
+    [1536, 576], affine4): 0.80 s against 0.011 s for dequantise + float32 matmul, which made a
+    QPiSSA training step on SmolLM2 about 20x slower than PiSSA's. Dequantising inside a plain
+    graph would keep every layer's float weight alive until the backward pass (fp32 memory);
+    the custom vjp recomputes it instead, so only one float weight exists at a time.
+    The weights get no gradient (the base is frozen)."""
+    def deq(w, scales, biases):
+        return mx.dequantize(w, scales, biases, group_size=group_size, bits=bits, mode=mode)
+
+    @mx.custom_function
+    def f(x, w, scales, biases):
+        return x @ deq(w, scales, biases).T.astype(x.dtype)
+
+    @f.vjp
+    def f_vjp(primals, cotangent, output):
+        x, w, scales, biases = primals
+        return (cotangent @ deq(w, scales, biases).astype(cotangent.dtype), mx.zeros_like(w),
+                mx.zeros_like(scales), mx.zeros_like(biases))
+
+    return f
+
+
+def quantized_forward(base: nn.QuantizedLinear, x: mx.array) -> mx.array:
+    """base(x), through dequantized_matmul on the CPU (affine mode; elsewhere base(x) itself)."""
+    if mx.default_device() != mx.cpu or base.mode != "affine" or "biases" not in base:
+        return base(x)
+    y = dequantized_matmul(base.group_size, base.bits, base.mode)(x, base.weight, base.scales, base.biases)
+    return y + base.bias if "bias" in base else y
 
 
 class PissaLinear(nn.Module):
-    def __init__(self, base: nn.Linear, A: mx.array, B: mx.array, scale: float, dropout: float = 0.0):
+    def __init__(self, base: nn.Linear | nn.QuantizedLinear, A: mx.array, B: mx.array, scale: float,
+                 dropout: float = 0.0):
         super().__init__()
-        if isinstance(base, nn.QuantizedLinear):
-            raise PissaError(QUANTIZED_BASE.format(name=type(base).__name__))
-        out_features, in_features = base.weight.shape
+        out_features, in_features = weight_shape(base)
         if A.ndim != 2 or B.ndim != 2 or A.shape[1] != in_features or B.shape != (out_features, A.shape[0]):
             raise ValueError(f"A {tuple(A.shape)} and B {tuple(B.shape)} do not fit a weight "
-                             f"{tuple(base.weight.shape)}")
+                             f"{(out_features, in_features)}")
         self.base = base
         self.lora_A = A
         self.lora_B = B
@@ -34,12 +89,12 @@ class PissaLinear(nn.Module):
         self.base.freeze()
 
     @classmethod
-    def from_base(cls, base: nn.Linear, A: mx.array, B: mx.array, scale: float,
+    def from_base(cls, base: nn.Linear | nn.QuantizedLinear, A: mx.array, B: mx.array, scale: float,
                   dropout: float = 0.0) -> "PissaLinear":
-        """Wrap `base`, whose weight must already be the residual W_res.
+        """Wrap `base`, whose weight must already be the residual W_res (or, for an
+        nn.QuantizedLinear, its quantisation Q(W_res) from QPiSSA).
 
         Raises:
-            PissaError: for an nn.QuantizedLinear base (PiSSA decomposes unquantised weights).
             ValueError: when A [r, in] and B [out, r] do not fit the weight [out, in].
         """
         return cls(base, A, B, scale, dropout)
@@ -48,12 +103,28 @@ class PissaLinear(nn.Module):
     def rank(self) -> int:
         return self.lora_A.shape[0]
 
+    @property
+    def quantized(self) -> bool:
+        return isinstance(self.base, nn.QuantizedLinear)
+
+    def _dtype(self) -> mx.Dtype:
+        # A quantised weight is uint32 words; its float dtype is that of its scales.
+        return self.base.scales.dtype if self.quantized else self.base.weight.dtype
+
     def delta(self) -> mx.array:
-        """s * B @ A, [out, in], in the base weight's dtype."""
-        return ((self.lora_B * self.scale) @ self.lora_A).astype(self.base.weight.dtype)
+        """s * B @ A, [out, in], in the base weight's (float) dtype."""
+        return ((self.lora_B * self.scale) @ self.lora_A).astype(self._dtype())
+
+    def base_weight(self) -> mx.array:
+        """The base's weight as floats [out, in]: W_res, or deq(Q(W_res)) for a quantised base."""
+        if not self.quantized:
+            return self.base.weight
+        b = self.base
+        return mx.dequantize(b.weight, b.scales, b.get("biases"), group_size=b.group_size, bits=b.bits,
+                             mode=b.mode)
 
     def __call__(self, x: mx.array) -> mx.array:
-        y = self.base(x)
+        y = quantized_forward(self.base, x) if self.quantized else self.base(x)
         if self.merged:
             return y
         if self.dropout is not None:
@@ -62,7 +133,13 @@ class PissaLinear(nn.Module):
         return y + (z * self.scale).astype(y.dtype)
 
     def merge(self) -> None:
-        """Add s*B@A into the base weight; the forward then skips the adapter. unmerge() undoes it."""
+        """Add s*B@A into the base weight; the forward then skips the adapter. unmerge() undoes it.
+
+        Raises:
+            PissaError: for a quantised base (QPiSSA); see the module docstring.
+        """
+        if self.quantized:
+            raise PissaError(QUANTIZED_MERGE.format(name="this layer"))
         if not self.merged:
             self.base.weight = self.base.weight + self.delta()
             self.merged = True
@@ -73,14 +150,16 @@ class PissaLinear(nn.Module):
             self.merged = False
 
     def fuse(self) -> nn.Linear:
-        """A plain nn.Linear computing W_res + s*B@A (this layer is left unchanged)."""
-        out_features, in_features = self.base.weight.shape
+        """A plain nn.Linear computing W_res + s*B@A (this layer is left unchanged). For a
+        quantised base, deq(Q(W_res)) + s*B@A in the scales' dtype: the same function, in full
+        precision (it is not requantised)."""
+        out_features, in_features = weight_shape(self.base)
         has_bias = "bias" in self.base
         fused = nn.Linear(in_features, out_features, bias=has_bias)
-        fused.weight = self.base.weight if self.merged else self.base.weight + self.delta()
+        fused.weight = self.base.weight if self.merged else self.base_weight() + self.delta()
         if has_bias:
             fused.bias = self.base.bias
         return fused
 
     def _extra_repr(self) -> str:
-        return f"rank={self.rank}, scale={self.scale:g}, merged={self.merged}"
+        return f"rank={self.rank}, scale={self.scale:g}, merged={self.merged}, quantized={self.quantized}"

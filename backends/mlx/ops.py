@@ -9,6 +9,8 @@ MLX's quirks, and what we do about them:
 - mx.linalg.svd always builds the full U [m, m] and V^T [n, n] (2 s for 576x1536, 19 s for
   2048x2048 on these machines), so svd() factors W = QR first and takes the SVD of the small
   square R only.
+- mx.quantize takes float32 (float64 input fails: "Only supports floating point inputs"), and
+  packs the codes into uint32 words; quantize() casts, and unpacks for the core's QTensor.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ import numpy as np
 
 import mlx.core as mx
 from pissa.errors import PissaError
+from pissa.formats.quantized import unpack_bits
+from pissa.quant import QTensor, QuantScheme
 
 _DTYPES = {"float64": mx.float64, "float32": mx.float32}
 _STORAGE = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
@@ -33,6 +37,8 @@ class MlxOps:
     """
 
     name = "mlx"
+    # MLX's affine scheme only: there is no NF4 in MLX, so pissa.qpissa.check_backend refuses it.
+    quant_schemes = ("int8", "affine4")
 
     def __init__(self, device: mx.Device):
         self.device = device
@@ -82,6 +88,32 @@ class MlxOps:
 
     def round_to(self, x: mx.array, dtype: str) -> mx.array:
         return x.astype(mx.float32).astype(_STORAGE[dtype]).astype(x.dtype)
+
+    def quantize(self, x: mx.array, scheme: QuantScheme) -> tuple[QTensor, mx.array]:
+        """mx.quantize of x [out, in] (compute dtype, values representable in float32).
+
+        Returns (QTensor: codes uint8 [out, in] unpacked, scales and biases float32
+        [out, in / group], bit-identical to pissa.quant's reference; deq(Q(x)) in x's dtype).
+        Both run on the CPU stream: MLX's CPU kernel is the one checked bit for bit against the
+        reference, quantising is cheap next to the SVDs, and float64 could not go to Metal anyway.
+
+        Raises:
+            ValueError: for a scheme that is not affine (nf4), which MLX does not have.
+        """
+        if scheme.kind != "affine":
+            raise ValueError(f"MLX cannot quantise {scheme.name}; use int8 or affine4")
+        g, bits = scheme.group_size, scheme.bits
+        words, scales, biases = mx.quantize(x.astype(mx.float32), group_size=g, bits=bits, stream=mx.cpu)
+        deq = mx.dequantize(words, scales, biases, group_size=g, bits=bits, stream=mx.cpu).astype(x.dtype)
+        mx.eval(words, scales, biases, deq)
+        codes = unpack_bits(np.asarray(words), bits)
+        return QTensor(scheme, codes, np.array(scales, copy=True), np.array(biases, copy=True)), deq
+
+    def svdvals(self, x: mx.array) -> mx.array:
+        """Singular values of x [m, n] (descending), in x's dtype; LAPACK skips U and V^T here."""
+        s = mx.linalg.svd(x, compute_uv=False, stream=mx.cpu)
+        mx.eval(s)
+        return s
 
 
 def make_ops(device: str | None = None) -> MlxOps:

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from pissa_mlx.api import ADAPTER_KEYS, adapter_of, apply, load_base
+from pissa_mlx.api import ADAPTER_KEYS, adapter_of, apply, load_base, quantized_residuals
 from tqdm.auto import tqdm
 
 import mlx.core as mx
@@ -212,7 +212,7 @@ def train(model_dir: str | Path, data: str | Path, out: str | Path, cfg: TrainCo
 
     mx.random.seed(cfg.seed)
     model = load_base(model_dir, mx.float32)
-    apply(model, spec, start_adapter)
+    apply(model, spec, start_adapter, quantized_residuals=quantized_residuals(model_dir))
     cast_frozen(model, compute_dtype)
     if cfg.grad_checkpointing:
         checkpoint_blocks(model)

@@ -15,7 +15,7 @@ from pissa_mlx.api import load_base  # noqa: E402
 from pissa_mlx.ops import make_ops  # noqa: E402
 
 from pissa.errors import PissaError  # noqa: E402
-from pissa.formats.peft import load_adapter  # noqa: E402
+from pissa.formats.peft import Adapter, load_adapter  # noqa: E402
 from pissa.spec import AdapterSpec  # noqa: E402
 from tests.conftest import rel_max_diff, write_tiny_llama  # noqa: E402
 
@@ -155,11 +155,14 @@ def test_a_quantised_base_is_refused(base):
     model = load_base(base)
     nn.quantize(model, group_size=32, bits=4)
     with pytest.raises(PissaError, match=r"quantised base layer model\.layers\.\d\.\S+ \(and 13 more\).*"
-                                         r"run pissa init on the unquantised model$"):
+                                         r"run QPiSSA on the unquantised model instead: pissa init MODEL --quantize affine4"):
         apply(model, AdapterSpec(rank=4))
+    # The layer itself wraps a quantised base (QPiSSA loads that way); api.apply is what refuses
+    # to decompose one, or to put an adapter on one that QPiSSA did not write.
     q = model.model.layers[0].self_attn.q_proj
-    with pytest.raises(PissaError, match="needs the full-precision weight"):
-        PissaLinear.from_base(q, mx.zeros((4, 64)), mx.zeros((64, 4)), 1.0)
+    assert PissaLinear.from_base(q, mx.zeros((4, 64)), mx.zeros((64, 4)), 1.0).quantized
+    with pytest.raises(PissaError, match=r"is not a QPiSSA residual.*pissa init --quantize affine4\|int8"):
+        apply(model, AdapterSpec(rank=4), Adapter(AdapterSpec(rank=4), {}))
 
 
 def test_a_quantised_mlx_lm_folder_is_refused(tiny_chat, tmp_path, capsys):

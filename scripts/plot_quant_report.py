@@ -56,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
             name = label(report) + ("" if k == "all" else f" {k}")
             ax.plot(range(1, len(curve) + 1), curve, marker="o", label=name)
             print(f"{name:<28} " + "  ".join(f"T={t}: {v:5.1f}%" for t, v in enumerate(curve, 1)))
+    longest = max(len(r["by_module_type"]["all"]["reduction_by_iteration"]) for r in reports)
+    ax.set_xticks(range(1, longest + 1))
     ax.set_xlabel("QPiSSA iterations")
     ax.set_ylabel("error reduction against QLoRA (%)")
     ax.set_title("QPiSSA: nuclear-norm error reduction")

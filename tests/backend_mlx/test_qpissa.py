@@ -142,9 +142,11 @@ def test_mlx_init_equals_numpy_on_a_tiny_model(tmp_path, name, bits):
 
 @pytest.mark.slow
 def test_mlx_init_equals_numpy_on_smollm2(tmp_path):
-    """21 real matrices (7 kinds, layers 0, 15 and 29), full SVD, 2 iterations (about 35 s)."""
+    """One layer's 7 real matrices (every kind), full SVD, 2 iterations. (Measured on 21 matrices,
+    layers 0, 15 and 29: 0 of 10.6M codes flipped, scales and biases identical, 5 of 488,448
+    adapter values one float32 ulp apart.)"""
     a, b = init_both("smollm2-135m", tmp_path, "--quantize", "affine4", "--quant-iters", "2",
-                     "--targets", r"model\.layers\.(0|15|29)\..*_proj")
+                     "--targets", r"model\.layers\.15\..*_proj")
     stats = compare_inits(a, b, 4)
     print(stats)
     assert_conformant(stats)
@@ -248,6 +250,16 @@ def step0_distances(original, qpissa_dir, group: int, bits: int) -> tuple[float,
     return rel_max_diff(np.array(model(IDS)), reference), rel_max_diff(np.array(qlora(IDS)), reference)
 
 
+def dequantized_qlora(model, spec, group: int, bits: int):
+    """QLoRA's base: every target weight replaced by deq(Q(W)) (mx.quantize), kept as floats so the
+    forward pass uses a dense matmul (MLX's CPU quantized_matmul is ~80x slower; same values)."""
+    for path, m in model.named_modules():
+        if isinstance(m, nn.Linear) and spec.matches(path):
+            m.weight = mx.dequantize(*mx.quantize(m.weight, group_size=group, bits=bits),
+                                     group_size=group, bits=bits)
+    return model
+
+
 def chat_batch(model_dir, n: int = 8):
     """The first n training records, tokenised as pissa train does: (input_ids, labels, mask)."""
     from transformers import AutoTokenizer
@@ -262,19 +274,22 @@ def chat_batch(model_dir, n: int = 8):
 
 
 def mean_kl(logits, reference, mask) -> float:
-    """Mean over real tokens of KL(reference || logits) of the next-token distributions."""
-    lp, lq = (np.array(x - mx.logsumexp(x, axis=-1, keepdims=True), dtype=np.float64) for x in (reference, logits))
-    return float((np.exp(lp) * (lp - lq)).sum(-1)[mask].mean())
+    """Mean over real tokens of KL(reference || logits) of the next-token distributions (computed
+    in MLX, float32: a float64 numpy pass over 8 x 128 x 49k logits took 10 s)."""
+    lp = reference - mx.logsumexp(reference, axis=-1, keepdims=True)
+    lq = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    kl = np.array((mx.exp(lp) * (lp - lq)).sum(-1), dtype=np.float64)
+    return float(kl[mask].mean())
 
 
 @pytest.mark.slow
 def test_smollm2_qpissa_beats_qlora_at_step0_then_trains_and_converts(tmp_path):
-    """SmolLM2-135M, all linear layers, rank 16, pissa-fast, affine4 group 64, 1 iteration (init
-    about 2 min, more on a loaded machine). Step 0, next-token KL to the original model over 8 chat
-    records: measured QPiSSA 0.41, QLoRA 0.65 (the same layers quantised by mx.quantize); on 4 x 64
-    tokens also relative max logits 0.41 against 0.54 and relative mean 0.35 against 0.41 (the
-    nuclear-norm reduction is only 5% here: MLP matrices gain almost nothing at r=16). Then a few
-    training steps lower the loss of a fixed batch, and the run converts for mlx-lm."""
+    """SmolLM2-135M, the attention projections of all 30 layers, rank 16, pissa-fast at float32,
+    affine4 group 64, 1 iteration (kept small for the suite's time; with all linear layers the
+    helper measured KL 0.41 against QLoRA's 0.65 on 4 x 64 tokens, and relative max logits 0.41
+    against 0.54). Step 0, next-token KL to the original model over 8 chat records must be well
+    under QLoRA's (the same layers quantised by mx.quantize). Then a few training steps lower the
+    loss of a fixed batch, and the run converts for mlx-lm."""
     from mlx_lm import load as mlx_lm_load
 
     from pissa_mlx import load
@@ -285,20 +300,20 @@ def test_smollm2_qpissa_beats_qlora_at_step0_then_trains_and_converts(tmp_path):
 
     out, run, lora = tmp_path / "q", tmp_path / "run", tmp_path / "lora"
     assert main(["init", "smollm2-135m", "--out", str(out), "--init", "pissa-fast", "--backend", "mlx",
+                 "--compute-dtype", "float32", "--targets", "q_proj,k_proj,v_proj,o_proj",
                  "--quantize", "affine4", "--no-progress"]) == 0
     original = write_original_smollm2(tmp_path / "original")
     ids, labels, mask = chat_batch(out)
     reference = load_base(original)(ids)
     model, spec = load(out)
-    qlora = load_base(original)
-    nn.quantize(qlora, group_size=64, bits=4, class_predicate=lambda p, m: isinstance(m, nn.Linear) and spec.matches(p))
+    qlora = dequantized_qlora(load_base(original), spec, 64, 4)
     kl_qpissa, kl_qlora = mean_kl(model(ids), reference, mask), mean_kl(qlora(ids), reference, mask)
     print(f"step-0 KL to the original: QPiSSA {kl_qpissa:.3f}, QLoRA {kl_qlora:.3f}")
     assert 0 < kl_qpissa < 0.8 * kl_qlora, (kl_qpissa, kl_qlora)
 
     before = token_loss(model, ids, labels)[0].item()
-    assert main(["train", str(out), "--data", str(DATA / "train.jsonl"), "--out", str(run), "--steps", "6",
-                 "--batch-size", "4", "--lr", "1e-3", "--max-seq-len", "128", "--backend", "mlx",
+    assert main(["train", str(out), "--data", str(DATA / "train.jsonl"), "--out", str(run), "--steps", "4",
+                 "--batch-size", "2", "--lr", "1e-3", "--max-seq-len", "128", "--backend", "mlx",
                  "--no-progress"]) == 0
     after = token_loss(load(out, run / "adapter")[0], ids, labels)[0].item()
     print(f"fixed-batch loss: {before:.3f} -> {after:.3f}")

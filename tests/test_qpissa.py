@@ -19,7 +19,7 @@ from pissa.ops import NumpyOps
 from pissa.qpissa import decompose_quantized
 from pissa.quant import NF4_LEVELS, QTensor, dequantize, nuclear_norm, quantize, scheme
 from pissa.spec import AdapterSpec
-from tests.conftest import KINDS, write_tiny_llama
+from tests.conftest import BACKENDS, KINDS, write_tiny_llama
 
 PISSA = str(Path(sys.executable).parent / "pissa")
 
@@ -125,7 +125,9 @@ def test_affine4_beats_qlora_from_the_second_iteration(smollm2_matrices):
     unusually small there. From the second iteration every matrix is better (210 of 210)."""
     spec = AdapterSpec(rank=16, init="pissa-fast", compute_dtype="float32")
     s = scheme("affine4", 64)
-    for module, W in smollm2_matrices.items():
+    mlp = {k: W for k, W in smollm2_matrices.items() if ".mlp." in k}   # where iteration 1 can lose
+    assert len(mlp) == 9
+    for module, W in mlp.items():
         f = decompose_quantized(W, module, spec, NumpyOps(), s, 2)
         assert f.errors[1] < f.error_qlora, (module, f.errors, f.error_qlora)
 
@@ -134,8 +136,11 @@ def test_affine4_beats_qlora_from_the_second_iteration(smollm2_matrices):
 def smollm2_nf4(tmp_path_factory):
     """pissa init on every linear matrix of SmolLM2, NF4, one iteration (the fast, float32 path)."""
     out = tmp_path_factory.mktemp("q") / "nf4"
+    # torch's nf4 (bitsandbytes) is bit-identical to the numpy reference (tests/backend_torch) and
+    # its SVDs are faster here: 31 s against 44 s for the 210 matrices.
+    backend = "torch" if "torch" in BACKENDS else "numpy"
     proc = run("init", "smollm2-135m", "--out", str(out), "--quantize", "nf4", "--init", "pissa-fast",
-               "--compute-dtype", "float32", "--no-progress")
+               "--compute-dtype", "float32", "--backend", backend, "--no-progress")
     assert proc.returncode == 0, proc.stderr
     return out, proc.stdout
 

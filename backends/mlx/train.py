@@ -62,6 +62,33 @@ def cast_frozen(model: nn.Module, dtype: mx.Dtype) -> None:
     model.update(tree_unflatten(frozen))
 
 
+@mx.custom_function
+def cross_entropy(logits: mx.array, targets: mx.array) -> tuple[mx.array, mx.array, mx.array]:
+    """-log softmax(logits)[target] per position, in float32, plus exp(logits - max) and its
+    row sums, which only the backward pass reads.
+
+    Why not nn.losses.cross_entropy: its backward takes exp over the logits a second time (the
+    vjp of logsumexp) and scatters the target's -1 into a zero [.., vocab] array. Here the
+    backward reuses the forward's exponentials and subtracts the one-hot in the same fused
+    elementwise pass. With a 49k vocabulary at batch 4 x 256 on the CPU, where MLX's exp is
+    scalar, that halves the loss's time (1.33 s -> 0.71 s) and lowers its peak memory.
+    Differentiate the first output only: the vjp ignores cotangents of the other two."""
+    top = logits.max(axis=-1, keepdims=True)
+    e = mx.exp(logits - top)
+    total = e.sum(axis=-1, keepdims=True)
+    picked = mx.take_along_axis(logits, targets[..., None], axis=-1)
+    return (top + mx.log(total) - picked).squeeze(-1), e, total
+
+
+@cross_entropy.vjp
+def _cross_entropy_vjp(primals, cotangents, outputs):
+    logits, targets = primals
+    g = cotangents[0][..., None]
+    _, e, total = outputs
+    onehot = mx.arange(logits.shape[-1]) == targets[..., None]
+    return e * (g / total) - onehot * g, mx.zeros_like(targets)
+
+
 def token_loss(model: nn.Module, input_ids: mx.array, labels: mx.array) -> tuple[mx.array, mx.array]:
     """Mean cross-entropy over the label tokens (position t predicts token t+1), and their count.
 
@@ -74,7 +101,7 @@ def token_loss(model: nn.Module, input_ids: mx.array, labels: mx.array) -> tuple
         logits = logits.astype(mx.float32)
     targets = labels[:, 1:]
     mask = targets != IGNORE
-    ce = nn.losses.cross_entropy(logits, mx.where(mask, targets, 0)) * mask
+    ce = cross_entropy(logits, mx.where(mask, targets, 0))[0] * mask
     n = mask.sum()
     return ce.sum() / n, n
 

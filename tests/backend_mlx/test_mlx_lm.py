@@ -170,3 +170,17 @@ def test_smollm2_init_train_and_export_on_mlx(tmp_path, hf_smollm2):
     model, _ = pissa_torch.load(out, run / "adapter")
     with torch.no_grad():
         assert rel_max_diff(model(torch.tensor(PROMPT_IDS)).logits.numpy(), ours) < 1e-4
+
+    # pissa eval's batched greedy decoding (left-padded, BatchKVCache) on the trained model: each
+    # prompt decodes as it does alone, and as transformers' greedy generate on the torch side.
+    from pissa_mlx.evaluate import greedy, load_for_inference
+
+    prompts = [PROMPT_IDS[0], PROMPT_IDS[1][:4], PROMPT_IDS[0][:7], PROMPT_IDS[1][:1]]
+    mlx_model = load_for_inference(out, run / "adapter")
+    batched = greedy(mlx_model, prompts, 8, stops=set())
+    assert batched == [greedy(mlx_model, [p], 8, set())[0] for p in prompts]
+    for p, row in zip(prompts, batched):
+        with torch.no_grad():
+            ids = model.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                                 max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0)
+        assert ids[0, len(p):].tolist() == row

@@ -4,7 +4,7 @@ then QPiSSA (affine4, group 64): init time per iteration, training memory agains
 training speed against QLoRA (mlx-lm's LoRA on the model quantised by mlx-lm's quantize_model).
 Prints a table of ratios; docs/benchmarks.md records the figures.
 
-    python scripts/bench_mlx.py [--quick] [--only pissa|qpissa] [--targets all-linear] [--steps N] [--seq N]
+    python scripts/bench_mlx.py [--quick] [--only pissa|qpissa] [--targets all-linear] [--steps N] [--rounds N] [--seq N]
 
 --targets, --steps and --seq shrink a smoke run (e.g. --only qpissa --targets q_proj --steps 1
 --seq 32); the full benchmark uses their defaults. On the CPU, mlx-lm's QLoRA step is slow (MLX's
@@ -12,7 +12,8 @@ CPU quantized_matmul has no BLAS behind it), so its row takes minutes per step a
 
 On Linux, run it with OpenBLAS preloaded (`. scripts/env.sh` does it), or MLX's matmuls use the
 reference BLAS and every MLX figure is 20-30x slower. Each measurement runs in a fresh subprocess,
-so its peak memory (MLX's allocator peak, and the process's ru_maxrss) is its own.
+so its peak memory (MLX's allocator peak, and the process's ru_maxrss) is its own; the training
+speed against mlx-lm is the exception: both sides in one process, their steps alternating.
 """
 
 from __future__ import annotations
@@ -56,8 +57,9 @@ def _timed_steps(step, steps: int) -> float:
     return BATCH * SEQ * len(times) / sum(times)
 
 
-def train_speed(which: str, model_dir: str, steps: int) -> dict:
-    """Tokens/s of forward + backward + AdamW at batch 4 x 256, each side with its own loop's step.
+def make_step(which: str, model_dir: str, ids):
+    """One training step (forward + backward + AdamW at batch 4 x 256), each side with its own
+    loop's step; the step function runs it to completion.
 
     which: "ours" (a pissa init folder, QPiSSA ones included), "mlx-lm" (its LoRA, r=16, on every
     linear layer of the folder's model) or "mlx-lm-q4" (QLoRA: the same after mlx-lm's
@@ -67,10 +69,6 @@ def train_speed(which: str, model_dir: str, steps: int) -> dict:
     """
     import mlx.core as mx
 
-    from pissa.init import peak_rss_mib
-
-    mx.random.seed(0)
-    ids = mx.random.randint(0, 49152, (BATCH, SEQ)).astype(mx.int32)
     if which == "ours":
         from pissa_mlx import load
         from pissa_mlx.train import compiled_steps, make_optimizer
@@ -91,46 +89,81 @@ def train_speed(which: str, model_dir: str, steps: int) -> dict:
             opt.learning_rate = 1e-5
             update(grads)
             mx.eval(model.trainable_parameters(), opt.state)
-    else:
-        from functools import partial
+        return step
 
-        import mlx.optimizers as optim
-        from mlx import nn
-        from mlx_lm.tuner.trainer import default_loss
-        from mlx_lm.tuner.utils import linear_to_lora_layers
-        from mlx_lm.utils import load_model
+    from functools import partial
 
-        model, config = load_model(Path(model_dir))
-        if which == "mlx-lm-q4":
-            from mlx_lm.utils import quantize_model
+    import mlx.optimizers as optim
+    from mlx import nn
+    from mlx_lm.tuner.trainer import default_loss
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+    from mlx_lm.utils import load_model
 
-            model, _ = quantize_model(model, config, group_size=GROUP, bits=4)
-        model.freeze()
-        linear_to_lora_layers(model, len(model.layers), {"rank": 16, "scale": 1.0, "dropout": 0.0})
-        model.train()
-        opt = optim.AdamW(learning_rate=1e-5, weight_decay=0.0)
-        loss_value_and_grad = nn.value_and_grad(model, default_loss)
-        state = [model.state, opt.state, mx.random.state]
-        lengths = mx.array([[0, SEQ]] * BATCH)
+    model, config = load_model(Path(model_dir))
+    if which == "mlx-lm-q4":
+        from mlx_lm.utils import quantize_model
 
-        @partial(mx.compile, inputs=state, outputs=state)
-        def compiled(batch, lengths):  # mlx_lm.tuner.trainer.train's step, without accumulation
-            (lvalue, toks), grad = loss_value_and_grad(model, batch, lengths)
-            opt.update(model, grad)
-            return lvalue, toks
+        model, _ = quantize_model(model, config, group_size=GROUP, bits=4)
+    model.freeze()
+    linear_to_lora_layers(model, len(model.layers), {"rank": 16, "scale": 1.0, "dropout": 0.0})
+    model.train()
+    opt = optim.AdamW(learning_rate=1e-5, weight_decay=0.0)
+    loss_value_and_grad = nn.value_and_grad(model, default_loss)
+    state = [model.state, opt.state, mx.random.state]
+    lengths = mx.array([[0, ids.shape[1]]] * ids.shape[0])
 
-        def step():
-            lvalue, toks = compiled(ids, lengths)
-            mx.eval(state, lvalue, toks)
+    @partial(mx.compile, inputs=state, outputs=state)
+    def compiled(batch, lengths):  # mlx_lm.tuner.trainer.train's step, without accumulation
+        (lvalue, toks), grad = loss_value_and_grad(model, batch, lengths)
+        opt.update(model, grad)
+        return lvalue, toks
 
+    def step():
+        lvalue, toks = compiled(ids, lengths)
+        mx.eval(state, lvalue, toks)
+    return step
+
+
+def batch_ids():
+    import mlx.core as mx
+
+    mx.random.seed(0)
+    return mx.random.randint(0, 49152, (BATCH, SEQ)).astype(mx.int32)
+
+
+def train_speed(which: str, model_dir: str, steps: int) -> dict:
+    """Tokens/s and peak memory of one side alone in this process (see make_step)."""
+    import mlx.core as mx
+
+    from pissa.init import peak_rss_mib
+
+    step = make_step(which, model_dir, batch_ids())
     mx.reset_peak_memory()
     tps = _timed_steps(step, steps)
     return {"tokens_per_s": tps, "peak_mib": mx.get_peak_memory() / 2**20, "rss_mib": peak_rss_mib()}
 
 
+def train_pair(model_dir: str, steps: int) -> dict:
+    """Ours and mlx-lm's LoRA in one process, their steps alternating (2 warm-up steps each, then
+    `steps` timed rounds): both sides see the same machine state, so the slow drifts of a shared
+    machine (single steps here range over +-15%) cancel in the ratio. Seconds of every step."""
+    ids = batch_ids()
+    sides = {w: make_step(w, model_dir, ids) for w in ("ours", "mlx-lm")}
+    for step in sides.values():
+        step()
+        step()
+    times: dict[str, list[float]] = {w: [] for w in sides}
+    for _ in range(steps):
+        for w, step in sides.items():
+            t = time.perf_counter()
+            step()
+            times[w].append(time.perf_counter() - t)
+    return times
+
+
 def child(spec: str) -> None:
     kind, args = json.loads(spec)
-    fn = {"init_time": init_time, "train_speed": train_speed}[kind]
+    fn = {"init_time": init_time, "train_speed": train_speed, "train_pair": train_pair}[kind]
     print("RESULT " + json.dumps(fn(*args)), flush=True)
 
 
@@ -151,7 +184,9 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="fewer timing steps")
     ap.add_argument("--only", choices=("pissa", "qpissa"), help="run only the PiSSA or only the QPiSSA rows")
     ap.add_argument("--targets", default="all-linear", help="layers to decompose (all-linear; narrower for a smoke run)")
-    ap.add_argument("--steps", type=int, default=None, help="timed training steps (default 6, 3 with --quick)")
+    ap.add_argument("--steps", type=int, default=None, help="timed training steps (default 8, 3 with --quick)")
+    ap.add_argument("--rounds", type=int, default=None,
+                    help="alternating step pairs for the speed ratio against mlx-lm (default 12, 3 with --quick)")
     ap.add_argument("--seq", type=int, default=None, help=f"sequence length of the training batches (default {SEQ})")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -166,6 +201,7 @@ def main() -> None:
         print("# warning: OpenBLAS is not preloaded; MLX matmuls use the reference BLAS (. scripts/env.sh)")
     rows: list[tuple[str, str, str, str]] = []
     steps = a.steps or (3 if a.quick else 6)
+    rounds = a.rounds or (3 if a.quick else 12)
     if a.seq:
         SEQ = a.seq
         os.environ["PISSA_BENCH_SEQ"] = str(a.seq)
@@ -180,21 +216,17 @@ def main() -> None:
                                  f"{m / t:.2f} (reported)"))
         else:
             measure("init_time", "mlx", "pissa-fast", "float64", model_dir, a.targets)
-        ours = measure("train_speed", "ours", model_dir, steps)
+        ours = measure("train_speed", "ours", model_dir, 2)  # memory; alone, so the peak is ours only
         if a.only in (None, "pissa"):
-            # One run per side swung the ratio between 0.82 and 1.0 on this shared 2-core machine:
-            # interleave three runs per side and compare medians (all values printed).
-            runs = {"ours": [ours], "mlx-lm": []}
-            for i in range(1 if a.quick else 3):
-                if i:
-                    runs["ours"].append(measure("train_speed", "ours", model_dir, steps))
-                runs["mlx-lm"].append(measure("train_speed", "mlx-lm", model_dir, steps))
-            med = {w: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for w, rs in runs.items()}
-            ours, theirs = med["ours"], med["mlx-lm"]
-            each = lambda w: "/".join(f"{r['tokens_per_s']:.0f}" for r in runs[w])  # noqa: E731
-            rows.append((f"train tokens/s, batch {BATCH} x {SEQ} (median)", f"{ours['tokens_per_s']:.0f} ({each('ours')})",
-                         f"{theirs['tokens_per_s']:.0f} ({each('mlx-lm')}) (mlx-lm)",
-                         f"{ours['tokens_per_s'] / theirs['tokens_per_s']:.2f} (target >= 1.0)"))
+            theirs = measure("train_speed", "mlx-lm", model_dir, 2)
+            # Speed: alternating steps in one process. Separate processes, one per side, swung the
+            # ratio between 0.82 and 1.05 on this shared 2-core machine.
+            times = measure("train_pair", model_dir, rounds)
+            tps = {w: BATCH * SEQ / statistics.median(t) for w, t in times.items()}
+            wins = sum(o < m for o, m in zip(times["ours"], times["mlx-lm"]))
+            rows.append((f"train tokens/s, batch {BATCH} x {SEQ}, median of {rounds} alternating steps",
+                         f"{tps['ours']:.0f}", f"{tps['mlx-lm']:.0f} (mlx-lm)",
+                         f"{tps['ours'] / tps['mlx-lm']:.2f} (target >= 1.0); ours faster in {wins} of {rounds} rounds"))
             rows.append(("train peak MLX memory (MiB)", f"{ours['peak_mib']:.0f}", f"{theirs['peak_mib']:.0f} (mlx-lm)",
                          f"{ours['peak_mib'] / theirs['peak_mib']:.2f} (target <= 1.05)"))
             rows.append(("train peak process RSS (MiB)", f"{ours['rss_mib']:.0f}", f"{theirs['rss_mib']:.0f} (mlx-lm)",

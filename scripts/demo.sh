@@ -1,11 +1,10 @@
 #!/usr/bin/env bash
-# The main job, on the embedded SmolLM2-135M-Instruct (about 15 minutes on 2 CPU cores):
+# The main job, on the embedded SmolLM2-135M-Instruct (about 10 minutes on 2 CPU cores):
 #   1. pissa init with every available backend (out/smollm2-<backend>/);
 #   2. on the torch and the MLX backend: eval before training, a short training run on the
 #      arithmetic demo task (data/arith), eval after, conversion to a plain LoRA (plus mlx-lm's
 #      format for MLX), and one generated answer.
-# DEMO_STEPS sets the training steps (default 40). On Linux the MLX run is shorter (half the
-# steps, fewer eval problems): there MLX runs on the CPU without Metal, about half torch's speed.
+# DEMO_STEPS sets the training steps (default 40).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$root/scripts/setup.sh"
@@ -24,7 +23,6 @@ for backend in $(python -c "from pissa.ops import available_backends; print(*ava
     run="out/run-$backend"
     n=32; s="$steps"; format=peft
     [ "$backend" = mlx ] && format=mlx-lm
-    if [ "$backend" = mlx ] && [ "$(uname -s)" = Linux ]; then n=16; s=$(( (steps + 1) / 2 )); fi
     echo "== eval before training ($backend): exact match on $n held-out problems"
     pissa eval "$model" --data data/arith/eval.jsonl --limit "$n" --backend "$backend" --no-progress
     echo "== pissa train ($backend, $s steps)"

@@ -19,7 +19,9 @@ from pissa import quant  # noqa: E402
 from pissa.cli import main  # noqa: E402
 from pissa.errors import PissaError  # noqa: E402
 from pissa.formats.quantized import unpack_bits  # noqa: E402
+from pissa.spec import AdapterSpec, parse_targets  # noqa: E402
 from tests.backend_mlx.conftest import run_cli  # noqa: E402
+from tests.conformance.qpissa_checks import init_each  # noqa: E402
 from tests.conftest import PROMPT_IDS, rel_max_diff, write_tiny_llama  # noqa: E402
 
 IDS = mx.array(PROMPT_IDS)
@@ -124,19 +126,10 @@ def assert_conformant(stats: dict) -> None:
     assert stats["report_rel"] <= 1e-9, stats
 
 
-def init_both(model, tmp_path, *flags) -> tuple:
-    outs = []
-    for backend in ("numpy", "mlx"):
-        out = tmp_path / backend
-        assert main(["init", str(model), "--out", str(out), "--backend", backend, "--no-progress", *flags]) == 0
-        outs.append(out)
-    return tuple(outs)
-
-
 @pytest.mark.parametrize("name,bits", [("affine4", 4), ("int8", 8)])
 def test_mlx_init_equals_numpy_on_a_tiny_model(tmp_path, name, bits):
     model = write_tiny_llama(tmp_path / "tiny")
-    a, b = init_both(model, tmp_path, "--rank", "4", "--quantize", name, "--quant-iters", "2")
+    a, b = init_each(model, tmp_path, ("numpy", "mlx"), AdapterSpec(rank=4), name, 64, iters=2)
     assert_conformant(compare_inits(a, b, bits))
 
 
@@ -145,8 +138,8 @@ def test_mlx_init_equals_numpy_on_smollm2(tmp_path):
     """One layer's 7 real matrices (every kind), full SVD, 2 iterations. (Measured on 21 matrices,
     layers 0, 15 and 29: 0 of 10.6M codes flipped, scales and biases identical, 5 of 488,448
     adapter values one float32 ulp apart.)"""
-    a, b = init_both("smollm2-135m", tmp_path, "--quantize", "affine4", "--quant-iters", "2",
-                     "--targets", r"model\.layers\.15\..*_proj")
+    spec = AdapterSpec(rank=16, targets=parse_targets(r"model\.layers\.15\..*_proj"))
+    a, b = init_each("smollm2-135m", tmp_path, ("numpy", "mlx"), spec, "affine4", 64, iters=2)
     stats = compare_inits(a, b, 4)
     print(stats)
     assert_conformant(stats)

@@ -18,12 +18,12 @@ from pissa.formats.peft import load_adapter  # noqa: E402
 from pissa.formats.quantized import pack_bits  # noqa: E402
 from pissa.init import run_init  # noqa: E402
 from pissa.loaders import open_model  # noqa: E402
-from pissa.spec import AdapterSpec  # noqa: E402
+from pissa.spec import AdapterSpec, parse_targets  # noqa: E402
 from pissa_torch import PissaLinear, apply, load, merge  # noqa: E402
 from pissa_torch.api import pissa_layers  # noqa: E402
 from pissa_torch.ops import make_ops  # noqa: E402
 from pissa_torch.quantized import AffineQuantLinear, dequantized_weight, is_bnb_4bit, load_base  # noqa: E402
-from tests.conformance import tolerances as tol  # noqa: E402
+from tests.conformance.qpissa_checks import assert_same_init, init_each  # noqa: E402
 from tests.conftest import DATA, rel_max_diff, write_tiny_llama  # noqa: E402
 
 SCHEMES = [("nf4", 64), ("int8", 32), ("affine4", 64)]
@@ -89,55 +89,19 @@ def test_affine_quant_linear_dequantizes_exactly_and_passes_gradients_to_x_only(
 
 
 # ---------------------------------------------------------------- init: torch == numpy
-def one_step_bound(folder) -> float:
-    """The largest quantisation step anywhere in a folder's quantised residual: the most a
-    single code flip can move deq(Q)."""
-    from pissa.formats.safetensors import load as load_st
-
-    t = {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_st(f).items()}
-    nf4_gap = float(np.diff(quant.NF4_LEVELS).max())
-    steps = [np.abs(v).max() * (nf4_gap if k.endswith(".absmax") else 1.0)
-             for k, v in t.items() if k.endswith((".absmax", ".scales"))]
-    return float(max(steps))
-
-
-def assert_same_init(numpy_dir, torch_dir) -> None:
-    """A and B within the float64 conformance tolerance; deq(Q(W_res)) equal but for codes moved
-    by one step where a float64-rounding difference in W_res crossed a rounding boundary."""
-    ref, got = load_adapter(numpy_dir / "pissa_init"), load_adapter(torch_dir / "pissa_init")
-    ref_model, got_model = open_model(str(numpy_dir)), open_model(str(torch_dir))
-    assert set(ref.factors) == set(got.factors)
-    step, flipped, total = one_step_bound(numpy_dir), 0, 0
-    for m, (A, B) in ref.factors.items():
-        q_ref, q_got = ref_model.get(f"{m}.weight"), got_model.get(f"{m}.weight")
-        bound = tol.FLOAT64_REL * np.abs(q_ref).max() * 10  # W_res is ~ W minus its top-r part
-        assert np.abs(got.factors[m][0] - A).max() <= bound, (m, "A")
-        assert np.abs(got.factors[m][1] - B).max() <= bound, (m, "B")
-        diff = np.abs(q_got - q_ref)
-        assert diff.max() <= step, (m, "deq(Q(W_res)) moved by more than one step")
-        flipped, total = flipped + int((diff > bound).sum()), total + diff.size
-    assert flipped <= 1e-4 * total, f"{flipped} of {total} quantised values differ"
-
-
 @pytest.mark.parametrize("name,group", [("affine4", 32), ("nf4", 64)])
 def test_torch_init_equals_numpy_init_on_a_tiny_model(tmp_path, name, group):
     base = write_tiny_llama(tmp_path / "base")
-    spec = AdapterSpec(rank=8, init="pissa-fast")
-    for backend in ("numpy", "torch"):
-        run_init(str(base), tmp_path / backend, spec, backend=backend, progress=False,
-                 quantize=quant.scheme(name, group), quant_iters=2)
-    assert_same_init(tmp_path / "numpy", tmp_path / "torch")
+    assert_same_init(*init_each(base, tmp_path, ("numpy", "torch"), AdapterSpec(rank=8, init="pissa-fast"),
+                                name, group, iters=2))
 
 
 @pytest.mark.slow
 def test_torch_init_equals_numpy_init_on_smollm2_affine4(tmp_path):
     """The core's conformance for torch: `pissa init --backend torch --quantize affine4` against numpy."""
-    targets = r"model\.layers\.15\..*_proj"  # every kind of linear (one layer: the suite's time)
-    for backend in ("numpy", "torch"):
-        assert main(["init", "smollm2-135m", "--out", str(tmp_path / backend), "--quantize", "affine4",
-                     "--quant-iters", "2", "--init", "pissa-fast", "--rank", "16", "--backend", backend,
-                     "--no-progress", "--targets", targets]) == 0
-    assert_same_init(tmp_path / "numpy", tmp_path / "torch")
+    spec = AdapterSpec(rank=16, init="pissa-fast",  # every kind of linear (one layer: the suite's time)
+                       targets=parse_targets(r"model\.layers\.15\..*_proj"))
+    assert_same_init(*init_each("smollm2-135m", tmp_path, ("numpy", "torch"), spec, "affine4", 64, iters=2))
 
 
 # ---------------------------------------------------------------- loading and the layer

@@ -13,21 +13,16 @@ pytest.importorskip("torch")
 pytest.importorskip("bitsandbytes")
 pytest.importorskip("mlx.core")
 
-from pissa import quant  # noqa: E402
-from pissa.init import run_init  # noqa: E402
 from pissa.spec import AdapterSpec, parse_targets  # noqa: E402
-from tests.backend_torch.test_qpissa import assert_same_init  # noqa: E402
+from tests.conformance.qpissa_checks import assert_same_init, init_each  # noqa: E402
 from tests.conftest import write_tiny_llama  # noqa: E402
 
 
 @pytest.mark.parametrize("name,group", [("affine4", 32), ("int8", 64)])
 def test_torch_and_mlx_qpissa_inits_agree_on_a_tiny_model(tmp_path, name, group):
     base = write_tiny_llama(tmp_path / "base")
-    spec = AdapterSpec(rank=8, init="pissa-fast")
-    for backend in ("torch", "mlx"):
-        run_init(str(base), tmp_path / backend, spec, backend=backend, progress=False,
-                 quantize=quant.scheme(name, group), quant_iters=3)
-    assert_same_init(tmp_path / "torch", tmp_path / "mlx")
+    assert_same_init(*init_each(base, tmp_path, ("torch", "mlx"), AdapterSpec(rank=8, init="pissa-fast"),
+                                name, group, iters=3))
 
 
 @pytest.mark.slow
@@ -36,7 +31,4 @@ def test_torch_and_mlx_qpissa_inits_agree_on_smollm2(tmp_path):
     shape (q_proj 576x576, k_proj 192x576, gate_proj 1536x576, down_proj 576x1536)."""
     spec = AdapterSpec(rank=16, init="pissa",
                        targets=parse_targets(r"model\.layers\.21\.(self_attn\.(q|k)|mlp\.(gate|down))_proj"))
-    for backend in ("torch", "mlx"):
-        run_init("smollm2-135m", tmp_path / backend, spec, backend=backend, progress=False,
-                 quantize=quant.scheme("affine4", 64), quant_iters=2)
-    assert_same_init(tmp_path / "torch", tmp_path / "mlx")
+    assert_same_init(*init_each("smollm2-135m", tmp_path, ("torch", "mlx"), spec, "affine4", 64, iters=2))

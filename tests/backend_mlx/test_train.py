@@ -175,4 +175,3 @@ def test_cross_entropy_matches_float64_numpy():
     for ce in (ours, mlx_ref):
         grad = np.array(mx.compile(mx.grad(lambda z: loss(z, ce)))(mx.array(logits)))
         np.testing.assert_allclose(grad, grad_want, atol=1e-6)
-

@@ -37,8 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="pissa", description="PiSSA fine-tuning for PyTorch and MLX.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    q = sub.add_parser("init", help="decompose a model into a residual model and a PiSSA adapter",
-                       description="Write the residual model to OUT and the initial adapter to OUT/pissa_init.")
+    q = sub.add_parser("init", help="decompose a model into a residual model and a PiSSA adapter (or start MoRA)",
+                       description="Write the residual model to OUT and the initial adapter to OUT/pissa_init "
+                                   "(MoRA: the unchanged model to OUT, M = 0 to OUT/pissa_init).")
     q.add_argument("model", help="model folder, .gguf file, or an embedded name (smollm2-135m)")
     q.add_argument("--out", required=True, help="output folder")
     q.add_argument("--rank", type=_positive_int, default=16, help="adapter rank r (default 16)")
@@ -46,7 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--rslora", action="store_true", help="scale by alpha/sqrt(r) instead of alpha/r")
     q.add_argument("--targets", default="all-linear",
                    help="all-linear, module names (q_proj,v_proj) or a regex over module paths")
-    q.add_argument("--init", default="pissa", help="pissa (full SVD), pissa-fast (randomised SVD) or lora")
+    q.add_argument("--init", default="pissa",
+                   help="pissa (full SVD), pissa-fast (randomised SVD), lora, or mora (MoRA's square M)")
+    q.add_argument("--mora-type", default="sharing",
+                   help="with --init mora: sharing (the paper's type 1; converts to a LoRA) or rotation (type 6)")
     q.add_argument("--niter", type=_positive_int, default=4, help="power iterations for pissa-fast (default 4)")
     q.add_argument("--oversampling", type=_positive_int, default=8,
                    help="extra sketch columns for pissa-fast (default 8)")
@@ -97,8 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     t.set_defaults(func=_cmd_train)
 
-    c = sub.add_parser("convert", help="turn a trained PiSSA adapter into a rank-2r LoRA on the original model")
-    c.add_argument("--initial", required=True, help="the pissa_init folder of the model that was trained")
+    c = sub.add_parser("convert", help="turn a trained adapter into a plain LoRA on the original model",
+                       description="PiSSA: a rank-2r LoRA (needs --initial); sharing MoRA: a LoRA of rank r_hat.")
+    c.add_argument("--initial", default=None,
+                   help="the pissa_init folder of the model that was trained (PiSSA and LoRA; MoRA needs none)")
     c.add_argument("--trained", required=True, help="the trained adapter (RUN_DIR/adapter)")
     c.add_argument("--out", required=True, help="the LoRA folder to write (PEFT format)")
     c.add_argument("--format", default="peft", help="peft (default) or mlx-lm (also writes mlx-lm files)")
@@ -107,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("merge", help="merge an adapter into its model's weights (Hugging Face folder)")
     m.add_argument("model", help="the model the adapter applies to (residual folder, or the original for a LoRA)")
-    m.add_argument("--adapter", required=True, help="adapter folder (PEFT format)")
+    m.add_argument("--adapter", required=True, help="adapter folder (PEFT format; PiSSA, LoRA or MoRA)")
     m.add_argument("--out", required=True, help="the merged model folder to write")
     m.add_argument("--dtype", default=None, help="storage dtype (default: the model's)")
     m.add_argument("--force", action="store_true", help="replace a non-empty --out")
@@ -143,7 +149,9 @@ def _cmd_init(args: argparse.Namespace) -> int:
     spec = AdapterSpec(rank=args.rank, alpha=args.alpha, use_rslora=args.rslora,
                        targets=parse_targets(args.targets), init=args.init, niter=args.niter,
                        oversampling=args.oversampling, seed=args.seed, dtype=args.dtype,
-                       compute_dtype=args.compute_dtype)
+                       compute_dtype=args.compute_dtype, mora_type=args.mora_type)
+    if spec.kind == "mora" and (args.alpha is not None or args.rslora):
+        print("pissa: note: MoRA's update has no scale (it is 1); --alpha and --rslora are ignored", file=sys.stderr)
     scheme = None
     if args.quantize is not None:
         from pissa.quant import scheme as make_scheme
@@ -199,13 +207,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_convert(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from pissa.convert import pissa_to_lora
+    from pissa.convert import to_lora
     from pissa.formats.hf import atomic_dir
     from pissa.formats.peft import load_adapter, save_adapter
 
     if args.format not in ("peft", "mlx-lm"):
         raise PissaError(f"unknown --format {args.format!r}; choose peft or mlx-lm")
-    lora = pissa_to_lora(load_adapter(args.initial), load_adapter(args.trained))
+    lora = to_lora(load_adapter(args.initial) if args.initial else None, load_adapter(args.trained))
     with atomic_dir(Path(args.out), args.force) as tmp:
         save_adapter(tmp, lora)
         if args.format == "mlx-lm":

@@ -10,7 +10,6 @@ so W_res + s * B @ A reproduces W as closely as the storage dtype allows.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import zlib
 from dataclasses import dataclass
@@ -130,8 +129,7 @@ def decompose_many(Ws: Sequence[np.ndarray], names: Sequence[str], spec: Adapter
         return [_lora(W, name, spec, out_dtype) for W, name in zip(Ws, names)]
 
     # A backend may need the arithmetic in a scope (MLX: float64 only on a CPU stream).
-    scope = getattr(ops, "scope", None)
-    with scope(spec.compute_dtype) if scope else contextlib.nullcontext():
+    with ops.scope(spec.compute_dtype):
         Wd = ops.asarray(np.stack(Ws), spec.compute_dtype)
         if spec.init == "pissa":
             U, S, Vt = svd_full(Wd, ops)

@@ -2,7 +2,9 @@
 
 The layout is the official PiSSA scripts'. Tensors stream through one at a time: a target is
 decomposed and its residual written before the next is read, so peak memory follows the largest
-matrix, not the model.
+matrix, not the model. For an adapter kind that leaves the base weights alone (MoRA), OUT/ holds
+the model's own weights, stored in the spec's dtype (so a GGUF or quantised input becomes a folder
+transformers and mlx-lm load), and OUT/pissa_init/ the adapter at its starting point.
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from pissa.decompose import decompose_many
 from pissa.errors import PissaError
 from pissa.formats import hf
 from pissa.formats.peft import Adapter, save_adapter
@@ -41,9 +42,10 @@ class InitSummary:
     peak_mib: float
     out: Path
     quant_table: str | None = None
+    verb: str = "decomposed"
 
     def line(self) -> str:
-        return (f"pissa init: decomposed {self.matrices} matrices, {self.trainable:,} trainable parameters, "
+        return (f"pissa init: {self.verb} {self.matrices} matrices, {self.trainable:,} trainable parameters, "
                 f"{self.seconds:.1f} s, peak memory {self.peak_mib:,.0f} MiB -> {self.out}")
 
 
@@ -92,7 +94,8 @@ def run_init(model: str, out: str | Path, spec: AdapterSpec, *, backend: str = "
         for module in sorted(targets):
             check_fits(quantize, module, shapes[f"{module}.weight"])
 
-    steps = schedule(shapes, targets, 1 if quantize else svd_batch or getattr(ops, "svd_batch", 1))
+    kind = spec.kind_module
+    steps = schedule(shapes, targets, 1 if quantize else svd_batch or ops.svd_batch)
     plan = []
     for step in steps:
         for name in step:
@@ -100,7 +103,7 @@ def run_init(model: str, out: str | Path, spec: AdapterSpec, *, backend: str = "
                 plan += qformat.plan(name[: -len(".weight")], shapes[name], quantize)
             else:
                 plan.append((name, dtype, shapes[name]))
-    factors: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    factors: dict[str, tuple[np.ndarray, ...]] = {}
     entries: dict[str, dict] = {}
     bar = tqdm(total=len(targets), desc=f"pissa init ({backend}, {spec.init})", unit="matrix",
                disable=not progress, file=sys.stderr)
@@ -121,10 +124,9 @@ def run_init(model: str, out: str | Path, spec: AdapterSpec, *, backend: str = "
                 bar.set_postfix_str(f"reduction {100 * entries[modules[0]]['reduction']:.1f}%")
                 bar.update(1)
             elif modules[0] in targets:
-                results = decompose_many(arrays, modules, spec, ops)
-                for name, module, f in zip(step, modules, results):
-                    factors[module] = (f.A, f.B)
-                    writer.write(name, f.residual)
+                for name, module, result in zip(step, modules, kind.init(arrays, modules, spec, ops)):
+                    factors[module] = result.params
+                    writer.write(name, result.base)
                 bar.update(len(step))
             else:
                 writer.write(step[0], np.asarray(arrays[0]).astype(dtype))
@@ -149,14 +151,17 @@ def run_init(model: str, out: str | Path, spec: AdapterSpec, *, backend: str = "
         source.save_tokenizer(tmp)
         (tmp / ADAPTER_DIR).mkdir()
         info = {"role": "pissa_init", "fingerprint": fingerprint(factors), "source": model}
+        if kind.RECORDS_SHAPES:  # the parameters alone do not give the weight's [out, in]
+            info["shapes"] = {m: list(shapes[m + ".weight"]) for m in sorted(factors)}
         if quantize is not None:
             info["quantization"] = {"scheme": quantize.name, "group_size": quantize.group_size,
                                     "quant_iters": quant_iters}
         adapter = Adapter(spec, factors, base_model=str(out.absolute()), info=info)
         save_adapter(tmp / ADAPTER_DIR, adapter)
-    trainable = sum(A.size + B.size for A, B in factors.values())
+    trainable = sum(p.size for params in factors.values() for p in params)
     return InitSummary(len(factors), trainable, time.perf_counter() - start, peak_rss_mib(), out,
-                       quant_table=table(report) if report else None)
+                       quant_table=table(report) if report else None,
+                       verb="decomposed" if kind.RESIDUAL else f"started {spec.kind} ({spec.mora_type}) on")
 
 
 def schedule(shapes: dict[str, tuple[int, ...]], targets: set[str], batch: int) -> list[list[str]]:
@@ -181,7 +186,7 @@ def schedule(shapes: dict[str, tuple[int, ...]], targets: set[str], batch: int) 
     return steps
 
 
-def fingerprint(factors: dict[str, tuple[np.ndarray, np.ndarray]]) -> str:
+def fingerprint(factors: dict[str, tuple[np.ndarray, ...]]) -> str:
     """A short hash of an initial adapter, stored with it, so that conversion can tell whether
     a trained adapter started from this init."""
     h = hashlib.sha256()

@@ -1,7 +1,8 @@
-"""`pissa merge`: a model folder plus an adapter -> one full model folder, W + s*B@A.
+"""`pissa merge`: a model folder plus an adapter -> one full model folder, W + dW.
 
-Works for a residual model with its (trained) PiSSA adapter, and for an original model with a
-converted LoRA. Backend-neutral, streamed tensor by tensor like pissa init.
+Works for a residual model with its (trained) PiSSA adapter (dW = s*B@A), for an original model
+with a converted LoRA, and for a model with a MoRA adapter (dW from pissa.kinds.mora).
+Backend-neutral, streamed tensor by tensor like pissa init.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from tqdm.auto import tqdm
 from pissa.convert import delta
 from pissa.errors import PissaError
 from pissa.formats import hf
-from pissa.formats.peft import load_adapter
+from pissa.formats.peft import load_adapter, misfits
 from pissa.formats.safetensors import np_dtype
 from pissa.loaders import open_model
 
@@ -33,9 +34,7 @@ def run_merge(model: str, adapter_dir: str | Path, out: str | Path, *, force: bo
     adapter = load_adapter(adapter_dir)
     shapes = source.shapes()
     problems = [f"{m}: not in the model" for m in adapter.factors if m + ".weight" not in shapes]
-    problems += [f"{m}: adapter {B.shape[0]}x{A.shape[1]} vs weight {shapes[m + '.weight']}"
-                 for m, (A, B) in adapter.factors.items()
-                 if m + ".weight" in shapes and (B.shape[0], A.shape[1]) != tuple(shapes[m + ".weight"])]
+    problems += misfits(adapter, {m: shapes[m + ".weight"] for m in adapter.factors if m + ".weight" in shapes})
     if problems:
         raise PissaError(f"the adapter does not fit {model} ({len(problems)} problem(s)): " + "; ".join(problems))
     store = dtype or source.config.get("dtype") or source.config.get("torch_dtype") or "float32"
@@ -48,7 +47,7 @@ def run_merge(model: str, adapter_dir: str | Path, out: str | Path, *, force: bo
             W = source.get(name)
             module = name[: -len(".weight")]
             if module in adapter.factors:
-                W = W.astype(np.float32) + delta(adapter, module)
+                W = W.astype(np.float32) + delta(adapter, module, W.shape)
             writer.write(name, W.astype(dt))
         writer.close()
         hf.write_json(tmp / "config.json", hf.model_config(source.config, store))

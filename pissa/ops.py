@@ -4,16 +4,14 @@ The math in pissa.decompose is written once against this protocol. Besides these
 uses only what numpy, torch and mlx arrays share: `@`, `*`, `-`, `/` and slicing. Arrays may
 carry leading batch axes ([b, m, n]): backends that gain from batched SVDs get them.
 Each backend implements Ops in its own package (pissa_torch.ops, pissa_mlx.ops) and keeps its
-framework's quirks there, with a comment saying why.
-Optional: `scope(compute_dtype)` -> a context manager the decomposition runs inside (MLX uses it
-to put float64 work on a CPU stream, since Metal has no float64).
-Optional, for QPiSSA (pissa.qpissa): `quant_schemes` (the scheme names the backend quantises),
-`quantize(x, scheme)` and `svdvals(x)`; see NumpyOps for their contracts.
+framework's quirks there, with a comment saying why. The Protocol below lists every member the core
+uses (pissa.decompose, pissa.qpissa, pissa.init); NumpyOps is the reference for each contract.
 """
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+import contextlib
+from typing import Any, ContextManager, Protocol
 
 import numpy as np
 
@@ -24,6 +22,12 @@ Array = Any
 
 class Ops(Protocol):
     name: str
+    svd_batch: int               # how many same-shape matrices pissa init stacks into one call
+    quant_schemes: tuple[str, ...]  # the QPiSSA schemes quantize() accepts (pissa.quant)
+
+    def scope(self, compute_dtype: str) -> ContextManager:
+        """The context the decomposition's arithmetic runs in (MLX: float64 work on a CPU stream,
+        since Metal has no float64; elsewhere nothing)."""
 
     def asarray(self, a: np.ndarray, dtype: str) -> Array:
         """A numpy array on the backend's device in "float64" or "float32"."""
@@ -52,12 +56,24 @@ class Ops(Protocol):
         dtype. Always rounds through float32 first, so a float64 value meets the same double
         rounding on every backend."""
 
+    def quantize(self, x: Array, scheme: Any) -> tuple[Any, Array]:
+        """QPiSSA: (pissa.quant.QTensor on the host, bit-identical to pissa.quant's reference;
+        deq(Q(x)) on the device in x's dtype) for x [out, in]. May raise ValueError for a scheme
+        not in quant_schemes."""
+
+    def svdvals(self, x: Array) -> Array:
+        """Singular values of x [m, n], descending, in x's dtype."""
+
 
 class NumpyOps:
     """The reference backend: numpy's LAPACK on the CPU."""
 
     name = "numpy"
+    svd_batch = 1
     quant_schemes = ("nf4", "int8", "affine4")
+
+    def scope(self, compute_dtype: str):
+        return contextlib.nullcontext()
 
     def asarray(self, a: np.ndarray, dtype: str) -> np.ndarray:
         return np.asarray(a, dtype=np.float64 if dtype == "float64" else np.float32)

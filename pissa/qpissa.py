@@ -19,7 +19,6 @@ rounded to the storage dtype, as it would be stored, in float32.
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -58,14 +57,14 @@ def check_backend(ops: Ops, s: QuantScheme) -> None:
     Raises:
         PissaError: naming the scheme, the backend, and the schemes it does have.
     """
-    have = tuple(getattr(ops, "quant_schemes", ()))
+    have = tuple(ops.quant_schemes)
     if s.name not in have:
         hint = f"choose one of: {', '.join(have)}" if have else "use --backend numpy or torch"
         raise PissaError(f"the {ops.name} backend cannot quantise {s.name}; {hint}")
 
 
 def _nuclear(x, ops: Ops) -> float:
-    vals = ops.svdvals(x) if hasattr(ops, "svdvals") else ops.svd(x)[1]
+    vals = ops.svdvals(x)
     return float(np.asarray(ops.to_numpy(vals), dtype=np.float64).sum())
 
 
@@ -82,9 +81,8 @@ def decompose_quantized(W: np.ndarray, name: str, spec: AdapterSpec, ops: Ops, s
         raise PissaError(f"--quantize needs a pissa init (pissa or pissa-fast), not {spec.init}")
     r, scale = spec.rank, spec.scale
     out_dtype = np_dtype(spec.dtype)
-    scope = getattr(ops, "scope", None)
     errors: list[float] = []
-    with scope(spec.compute_dtype) if scope else contextlib.nullcontext():
+    with ops.scope(spec.compute_dtype):
         Wd = ops.asarray(W, spec.compute_dtype)
         omega = None
         if spec.init == "pissa-fast":

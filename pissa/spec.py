@@ -16,7 +16,6 @@ from typing import Any, Iterable, Mapping
 
 from pissa.errors import PissaError
 
-INIT_METHODS = ("pissa", "pissa-fast", "lora")
 STORAGE_DTYPES = ("float32", "bfloat16", "float16")
 COMPUTE_DTYPES = ("float64", "float32")
 ALL_LINEAR = "all-linear"
@@ -64,12 +63,14 @@ class AdapterSpec:
         targets: "all-linear", a tuple of module names (a module matches when its path equals
             a name or ends with "." + name, PEFT's list semantics), or one regular expression
             that must match the whole module path (PEFT's string semantics).
-        init: "pissa" (full SVD), "pissa-fast" (randomised SVD) or "lora" (LoRA's own init).
+        init: "pissa" (full SVD), "pissa-fast" (randomised SVD) or "lora" (LoRA's own init), which
+            train the LoRA-shaped pair A, B; or "mora", MoRA's square matrix M (pissa.kinds.mora).
         niter: power iterations of the randomised SVD (>= 0).
         oversampling: extra columns of the randomised SVD's test matrix (>= 0).
         seed: seeds the core's numpy Generator that draws every random matrix.
         dtype: storage dtype of the adapter and the residual model.
         compute_dtype: dtype of the decomposition; float64 makes every backend agree.
+        mora_type: for init "mora": "sharing" (the paper's type 1) or "rotation" (type 6).
 
     Raises:
         PissaError: for any invalid value, naming the field and the fix.
@@ -85,6 +86,7 @@ class AdapterSpec:
     seed: int = 0
     dtype: str = "float32"
     compute_dtype: str = "float64"
+    mora_type: str = "sharing"
 
     def __post_init__(self) -> None:
         _check_int("rank", self.rank, minimum=1)
@@ -97,8 +99,9 @@ class AdapterSpec:
         if not isinstance(self.use_rslora, bool):
             raise PissaError(f"use_rslora must be true or false, got {self.use_rslora!r}")
         object.__setattr__(self, "targets", _normalise_targets(self.targets))
-        if self.init not in INIT_METHODS:
-            raise PissaError(f"unknown init method {self.init!r}; choose one of {', '.join(INIT_METHODS)}")
+        if not isinstance(self.init, str):
+            raise PissaError(f"init must be a method name, got {self.init!r}")
+        self.kind_module  # raises PissaError for an unknown init method
         _check_int("niter", self.niter, minimum=0)
         _check_int("oversampling", self.oversampling, minimum=0)
         _check_int("seed", self.seed, minimum=0)
@@ -107,12 +110,26 @@ class AdapterSpec:
         if self.compute_dtype not in COMPUTE_DTYPES:
             raise PissaError(
                 f"unknown compute dtype {self.compute_dtype!r}; choose one of {', '.join(COMPUTE_DTYPES)}")
+        self.kind_module.check(self)
+
+    # ------------------------------------------------------------------ the adapter kind
+    @property
+    def kind(self) -> str:
+        """The adapter kind the init method trains: "lora" (PiSSA, LoRA) or "mora"."""
+        return self.kind_module.NAME
+
+    @property
+    def kind_module(self):
+        """The pissa.kinds module of this spec's kind."""
+        from pissa import kinds
+
+        return kinds.of_init(self.init)
 
     # ------------------------------------------------------------------ scale and targets
     @property
     def scale(self) -> float:
-        """s in W = W_res + s * B @ A."""
-        return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
+        """s in W = W_res + s * B @ A (1 for MoRA, whose update has no scale)."""
+        return self.kind_module.scale(self)
 
     def matches(self, module: str) -> bool:
         """Whether the module path (e.g. "model.layers.0.self_attn.q_proj") is a target."""
@@ -140,12 +157,13 @@ class AdapterSpec:
             raise PissaError(
                 f"targets {self.describe_targets()} match no linear layer of this model; "
                 "pass --targets all-linear or module names such as q_proj,v_proj")
-        too_small = [f"{m} {tuple(weights[m + '.weight'])}" for m in found
-                     if self.rank > min(weights[m + ".weight"])]
-        if too_small:
+        misfits = [(m, why) for m in found
+                   if (why := self.kind_module.misfit(self, tuple(weights[m + ".weight"]))) is not None]
+        if misfits:
+            m, why = misfits[0]
             raise PissaError(
-                f"rank {self.rank} exceeds min(out, in) of {len(too_small)} target(s), e.g. "
-                f"{too_small[0]}; pass a smaller --rank or narrower --targets")
+                f"{why} for {len(misfits)} target(s), e.g. {m} {tuple(weights[m + '.weight'])}; "
+                "pass a different --rank or narrower --targets")
         return found
 
     def describe_targets(self) -> str:
@@ -154,6 +172,8 @@ class AdapterSpec:
     # ------------------------------------------------------------------ dict round trips
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
+        if self.kind != "mora":
+            del d["mora_type"]  # LoRA-kind files stay as they were before MoRA existed
         if isinstance(self.targets, tuple):
             d["targets"] = list(self.targets)
         return d
@@ -174,7 +194,7 @@ class AdapterSpec:
             return "pissa"
         if self.init == "pissa-fast":
             return f"pissa_niter_{self.niter}"
-        return True
+        return True  # lora; and mora, whose M starts at zero
 
     def to_peft_config(self, *, initialized: bool = True, base_model: str | None = None) -> dict[str, Any]:
         """PEFT's adapter_config.json for this spec.
@@ -194,6 +214,7 @@ class AdapterSpec:
             target_modules=self.targets if isinstance(self.targets, str) else sorted(self.targets),
             init_lora_weights=True if initialized else self.peft_init,
         )
+        cfg.update(self.kind_module.peft_fields(self))
         return cfg
 
     @classmethod
@@ -204,13 +225,16 @@ class AdapterSpec:
             PissaError: for keys PEFT does not know, and for PEFT features pissa does not
                 implement (DoRA, fan_in_fan_out, rank_pattern, ...) set to non-default values.
         """
-        unknown = sorted(set(cfg) - set(_PEFT_DEFAULTS) - set(_PEFT_NOT_WRITTEN))
+        from pissa import kinds
+
+        kind_keys = {k for name in kinds.names() for k in kinds.get(name).PEFT_KEYS}
+        unknown = sorted(set(cfg) - set(_PEFT_DEFAULTS) - set(_PEFT_NOT_WRITTEN) - kind_keys)
         if unknown:
             raise PissaError(f"unknown key(s) {unknown} in adapter_config.json; is this a PEFT LoRA adapter?")
         if cfg.get("peft_type", "LORA") != "LORA":
             raise PissaError(f"peft_type {cfg['peft_type']!r} is not supported; pissa reads LORA adapters")
-        unsupported = sorted(k for k, v in cfg.items()
-                             if k not in _PEFT_READ and v not in _PEFT_EMPTY and v != _PEFT_DEFAULTS.get(k))
+        unsupported = sorted(k for k, v in cfg.items() if k not in _PEFT_READ and k not in kind_keys
+                             and v not in _PEFT_EMPTY and v != _PEFT_DEFAULTS.get(k))
         if unsupported:
             raise PissaError(f"adapter_config.json sets {unsupported}, which pissa does not support; "
                              "remove them or use PEFT for this adapter")
@@ -218,7 +242,10 @@ class AdapterSpec:
             raise PissaError("adapter_config.json lacks 'r' or 'target_modules'; is this a PEFT LoRA adapter?")
         init = cfg.get("init_lora_weights", True)
         fields: dict[str, Any] = dict(extras or {})
-        if init == "pissa":
+        kind_fields = next(filter(None, (kinds.get(name).from_peft(cfg) for name in kinds.names())), None)
+        if kind_fields:
+            fields.update(kind_fields)
+        elif init == "pissa":
             fields["init"] = "pissa"
         elif isinstance(init, str) and init.startswith("pissa_niter_"):
             fields.update(init="pissa-fast", niter=int(init[len("pissa_niter_"):]))

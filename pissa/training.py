@@ -1,7 +1,6 @@
-"""What both backends' training loops share: the options, the schedule, the run folder
-(checkpoints, metrics.jsonl, loss.png) and the final adapter + converted LoRA.
-
-The loops themselves (pissa_torch.train, pissa_mlx.train) hold only framework code.
+"""What both backends' training runs share: the options, the schedule, and the run folder
+(checkpoints, metrics.jsonl, loss.png, the final adapter and its plain LoRA). The step loop itself
+is pissa.loop; the backends (pissa_torch.train, pissa_mlx.train) hold only framework code.
 """
 
 from __future__ import annotations
@@ -9,12 +8,13 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from pissa.convert import pissa_to_lora
+from pissa.convert import to_lora
 from pissa.errors import PissaError
 from pissa.formats import peft as peft_format
 from pissa.formats.hf import atomic_dir, write_json
@@ -114,8 +114,14 @@ class RunDir:
         return final
 
     def plot(self) -> Path | None:
-        """loss.png from metrics.jsonl (train loss and eval loss against the step)."""
-        import matplotlib
+        """loss.png from metrics.jsonl (train loss and eval loss against the step). Skipped, with a
+        note, when matplotlib is not installed (it comes with the test extra, not the backends)."""
+        try:
+            import matplotlib
+        except ImportError:
+            print("pissa train: loss.png skipped (matplotlib is not installed: pip install matplotlib); "
+                  "the losses are in metrics.jsonl", file=sys.stderr)
+            return None
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
@@ -140,11 +146,14 @@ class RunDir:
         return out
 
     def finish(self, trained: Adapter, initial: Adapter) -> None:
-        """RUN_DIR/adapter (trained PiSSA adapter) and RUN_DIR/lora (its rank-2r LoRA on the
-        original model), each written atomically."""
+        """RUN_DIR/adapter (the trained adapter) and, when its kind has an exact LoRA form,
+        RUN_DIR/lora (that LoRA on the original model: rank 2r for PiSSA, r_hat for sharing MoRA),
+        each written atomically."""
         with atomic_dir(self.path / "adapter", force=True) as tmp:
             peft_format.save_adapter(tmp, trained)
-        lora = pissa_to_lora(initial, trained)
+        if not trained.spec.kind_module.converts(trained.spec):
+            return
+        lora = to_lora(initial, trained)
         with atomic_dir(self.path / "lora", force=True) as tmp:
             peft_format.save_adapter(tmp, lora)
 

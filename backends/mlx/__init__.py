@@ -8,5 +8,6 @@ except ImportError as e:  # pragma: no cover - exercised by tests/test_hygiene.p
 
 from pissa_mlx.api import adapter_state_dict, apply, load, merge, save_adapter, unmerge  # noqa: E402
 from pissa_mlx.layer import PissaLinear  # noqa: E402
+from pissa_mlx.mora import MoraLinear  # noqa: E402
 
-__all__ = ["PissaLinear", "adapter_state_dict", "apply", "load", "merge", "save_adapter", "unmerge"]
+__all__ = ["MoraLinear", "PissaLinear", "adapter_state_dict", "apply", "load", "merge", "save_adapter", "unmerge"]

@@ -3,6 +3,8 @@ adapter_state_dict, save_adapter. Models are changed in place and returned.
 
 Module paths are mlx-lm's, which for Llama-family models are the Hugging Face ones
 ("model.layers.0.self_attn.q_proj"), so adapters use the same PEFT key names as the torch backend.
+Every adapter kind (pissa.kinds) goes through the same verbs; LAYERS maps a kind to the layer
+class that implements its forward.
 """
 
 from __future__ import annotations
@@ -13,19 +15,20 @@ from pathlib import Path
 
 import ml_dtypes
 import numpy as np
-from pissa_mlx.layer import NOT_QPISSA, QUANTIZED_BASE, QUANTIZED_MERGE, PissaLinear, weight_shape
+from pissa_mlx.layer import NOT_QPISSA, QUANTIZED_BASE, QUANTIZED_MERGE, AdapterLinear, PissaLinear, weight_shape
+from pissa_mlx.mora import MoraLinear
 from pissa_mlx.ops import make_ops
 
 import mlx.core as mx
 from mlx import nn
 from mlx.utils import tree_unflatten
-from pissa.decompose import decompose_many
+from pissa import kinds
 from pissa.errors import PissaError
 from pissa.formats import peft as peft_format
 from pissa.formats.peft import Adapter, check_fits
 from pissa.spec import AdapterSpec
 
-ADAPTER_KEYS = ("lora_A", "lora_B")
+LAYERS: dict[str, type[AdapterLinear]] = {"lora": PissaLinear, "mora": MoraLinear}
 
 
 def to_numpy(x: mx.array) -> np.ndarray:
@@ -41,10 +44,11 @@ def from_numpy(a: np.ndarray) -> mx.array:
     return mx.array(a, dtype=mx.float64) if a.dtype == np.float64 else mx.array(a)
 
 
-def pissa_layers(model: nn.Module) -> Iterator[tuple[str, PissaLinear]]:
-    """(module path, layer) of every PissaLinear, with PEFT's module paths (no "base" suffix)."""
+def pissa_layers(model: nn.Module) -> Iterator[tuple[str, AdapterLinear]]:
+    """(module path, layer) of every adapter layer (PissaLinear, MoraLinear), with PEFT's module
+    paths (no "base" suffix)."""
     for name, module in model.named_modules():
-        if isinstance(module, PissaLinear):
+        if isinstance(module, AdapterLinear):
             yield name, module
 
 
@@ -55,7 +59,8 @@ def _some(names: list[str]) -> str:
 def _targets(model: nn.Module, spec: AdapterSpec, decompose: bool,
              quantized_residuals: Collection[str]) -> dict[str, nn.Linear]:
     if any(True for _ in pissa_layers(model)):
-        raise PissaError("this model already has PiSSA layers; load a fresh model to apply an adapter")
+        raise PissaError("this model already has PiSSA layers (adapters of pissa's kinds); load a fresh model "
+                         "to apply another adapter, or fuse the present ones first")
     found = {n: m for n, m in model.named_modules()
              if n and isinstance(m, (nn.Linear, nn.QuantizedLinear)) and spec.matches(n)}
     quantized = [n for n, m in found.items() if isinstance(m, nn.QuantizedLinear)]
@@ -73,9 +78,16 @@ def _targets(model: nn.Module, spec: AdapterSpec, decompose: bool,
 
 
 def _freeze_all_but_adapters(model: nn.Module) -> None:
+    # Each layer names its own trainable parameters; nothing is matched by name suffix.
     model.freeze()
     for _, layer in pissa_layers(model):
-        layer.unfreeze(keys=list(ADAPTER_KEYS), recurse=False)
+        layer.unfreeze(keys=list(layer.PARAMS), recurse=False)
+
+
+def adapter_keys(model: nn.Module) -> set[str]:
+    """The flattened parameter names ("model.layers.0.self_attn.q_proj.lora_A") of every adapter
+    parameter, for code that must tell them from the frozen weights."""
+    return {f"{name}.{p}" for name, layer in pissa_layers(model) for p in layer.PARAMS}
 
 
 def quantized_residuals(model_dir: str | Path) -> set[str]:
@@ -88,17 +100,19 @@ def quantized_residuals(model_dir: str | Path) -> set[str]:
 
 def apply(model: nn.Module, spec: AdapterSpec, adapter: Adapter | None = None,
           device: str | None = None, *, quantized_residuals: Collection[str] = ()) -> nn.Module:
-    """Wrap the spec's target nn.Linear layers of `model` in PissaLinear, in place.
+    """Wrap the spec's target nn.Linear layers of `model` in the layer of the spec's adapter kind
+    (PissaLinear for PiSSA and LoRA, MoraLinear for MoRA), in place.
 
-    Without `adapter`, each target is decomposed now (with pissa_mlx.ops on `device`, default
-    MLX's) and its weight replaced by the residual, so the model computes the same function.
-    With `adapter` (e.g. from pissa_init), the weights must already be the residuals and no SVD
-    runs. A target may then be an nn.QuantizedLinear holding Q(W_res) if it is named in
-    `quantized_residuals` (QPiSSA; see quantized_residuals(model_dir)). Afterwards only lora_A
-    and lora_B are trainable.
+    Without `adapter`, each target is initialised now (PiSSA: decomposed with pissa_mlx.ops on
+    `device`, default MLX's, and its weight replaced by the residual, so the model computes the
+    same function; MoRA: M = 0, the weight unchanged). With `adapter` (e.g. from pissa_init), the
+    weights must already be what the init left (the residuals for PiSSA) and no SVD A target may then be an nn.QuantizedLinear holding Q(W_res) if it is named in
+    `quantized_residuals` (QPiSSA; see quantized_residuals(model_dir)). Afterwards only the
+    adapter parameters are trainable.
 
     Raises:
-        PissaError: when targets match nothing, a target is an nn.QuantizedLinear that is to be
+        PissaError: when the model already has adapter layers, targets match nothing, a target
+            is an nn.QuantizedLinear that is to be
             decomposed (its full-precision weight is gone: QPiSSA decomposes the unquantised
             model in `pissa init --quantize`) or that is not a listed QPiSSA residual, or the
             adapter does not fit the model (every missing module and shape mismatch listed).
@@ -107,18 +121,20 @@ def apply(model: nn.Module, spec: AdapterSpec, adapter: Adapter | None = None,
     if adapter is not None:
         check_fits(adapter, {n: weight_shape(m) for n, m in targets.items()})
     ops = None
+    kind = spec.kind_module
     wrapped = []
     for name, linear in targets.items():
         w = linear.weight
         if adapter is not None:
             dtype = linear.scales.dtype if isinstance(linear, nn.QuantizedLinear) else w.dtype
-            A, B = (from_numpy(x).astype(dtype) for x in adapter.factors[name])
+            params = tuple(from_numpy(x).astype(dtype) for x in adapter.factors[name])
         else:
             ops = ops or make_ops(device)
-            f = decompose_many([to_numpy(w.astype(mx.float32))], [name], spec, ops)[0]
-            linear.weight = from_numpy(f.residual).astype(w.dtype)
-            A, B = from_numpy(f.A), from_numpy(f.B)
-        wrapped.append((name, PissaLinear.from_base(linear, A, B, spec.scale)))
+            result = kind.init([to_numpy(w.astype(mx.float32))], [name], spec, ops)[0]
+            if kind.RESIDUAL:
+                linear.weight = from_numpy(result.base).astype(w.dtype)
+            params = tuple(from_numpy(x) for x in result.params)
+        wrapped.append((name, LAYERS[spec.kind].from_params(linear, params, spec)))
     model.update_modules(tree_unflatten(wrapped))
     _freeze_all_but_adapters(model)
     mx.eval(model.parameters())
@@ -182,22 +198,22 @@ def unmerge(model: nn.Module) -> nn.Module:
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, mx.array]:
-    """{PEFT key: mx.array}, e.g. "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
-    -> A [r, in]; "...lora_B.weight" -> B [out, r] (PEFT's orientation, not mlx-lm's)."""
+    """{file key: mx.array}, e.g. "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+    -> A [r, in]; "...lora_B.weight" -> B [out, r] (PEFT's orientation, not mlx-lm's); the kind's
+    tensor names for other kinds (pissa.kinds)."""
     out = {}
     for name, layer in pissa_layers(model):
-        out[peft_format.key(name, "A")] = layer.lora_A
-        out[peft_format.key(name, "B")] = layer.lora_B
+        for t, p in zip(kinds.get(layer.KIND).TENSORS, layer.params()):
+            out[peft_format.tensor_key(name, t)] = p
     return out
 
 
 def adapter_of(model: nn.Module, spec: AdapterSpec, info: dict | None = None) -> Adapter:
-    """The model's current factors as a core Adapter, in the spec's storage dtype."""
+    """The model's current adapter parameters as a core Adapter, in the spec's storage dtype."""
     from pissa.formats.safetensors import np_dtype
 
     dt = np_dtype(spec.dtype)
-    factors = {name: (to_numpy(layer.lora_A.astype(mx.float32)).astype(dt),
-                      to_numpy(layer.lora_B.astype(mx.float32)).astype(dt))
+    factors = {name: tuple(to_numpy(p.astype(mx.float32)).astype(dt) for p in layer.params())
                for name, layer in pissa_layers(model)}
     return Adapter(spec, factors, info=dict(info or {}))
 

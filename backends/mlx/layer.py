@@ -1,9 +1,12 @@
-"""PissaLinear: an mlx.nn.Linear holding W_res, plus the trainable factors A [r, in] and B [out, r].
+"""Adapter layers over a frozen mlx.nn.Linear, one class per adapter kind (pissa.kinds), each
+wrapping and unwrapping itself in the mlx-lm style (from_base / fuse):
 
-y = x W_res^T + s * (dropout(x) A^T) B^T, the orientation used everywhere in pissa (PEFT's, not
-mlx-lm's [in, r] / [r, out]; pissa.formats.mlx_lm converts at the file boundary). It wraps and
-unwraps itself in the mlx-lm style: PissaLinear.from_base(linear, A, B, scale) and
-layer.fuse() -> nn.Linear.
+- AdapterLinear: what every kind shares: the frozen base, merge / unmerge / fuse through the
+  kind's dense update delta(), and the names of its trainable parameters (PARAMS);
+- PissaLinear (kind "lora"): W_res plus the trainable factors A [r, in] and B [out, r],
+  y = x W_res^T + s * (dropout(x) A^T) B^T, the orientation used everywhere in pissa (PEFT's, not
+  mlx-lm's [in, r] / [r, out]; pissa.formats.mlx_lm converts at the file boundary).
+  MoraLinear lives in pissa_mlx.mora.
 
 QPiSSA: the base may be an nn.QuantizedLinear holding Q(W_res), as mlx-lm loads the residual
 model that `pissa init --quantize affine4|int8` writes; y = deq(Q(W_res)) x + s B A x, the base
@@ -72,36 +75,21 @@ def quantized_forward(base: nn.QuantizedLinear, x: mx.array) -> mx.array:
     return y + base.bias if "bias" in base else y
 
 
-class PissaLinear(nn.Module):
-    def __init__(self, base: nn.Linear | nn.QuantizedLinear, A: mx.array, B: mx.array, scale: float,
-                 dropout: float = 0.0):
+class AdapterLinear(nn.Module):
+    """The part every adapter kind shares. Subclasses set KIND and PARAMS, and define __call__
+    and delta() (the dense update [out, in] in the base weight's float dtype)."""
+
+    KIND: str = ""
+    PARAMS: tuple[str, ...] = ()   # trainable parameters, in the order of the kind's TENSORS
+
+    def __init__(self, base: nn.Linear | nn.QuantizedLinear):
         super().__init__()
-        out_features, in_features = weight_shape(base)
-        if A.ndim != 2 or B.ndim != 2 or A.shape[1] != in_features or B.shape != (out_features, A.shape[0]):
-            raise ValueError(f"A {tuple(A.shape)} and B {tuple(B.shape)} do not fit a weight "
-                             f"{(out_features, in_features)}")
         self.base = base
-        self.lora_A = A
-        self.lora_B = B
-        self.scale = float(scale)
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else None
         self.merged = False
         self.base.freeze()
 
-    @classmethod
-    def from_base(cls, base: nn.Linear | nn.QuantizedLinear, A: mx.array, B: mx.array, scale: float,
-                  dropout: float = 0.0) -> "PissaLinear":
-        """Wrap `base`, whose weight must already be the residual W_res (or, for an
-        nn.QuantizedLinear, its quantisation Q(W_res) from QPiSSA).
-
-        Raises:
-            ValueError: when A [r, in] and B [out, r] do not fit the weight [out, in].
-        """
-        return cls(base, A, B, scale, dropout)
-
-    @property
-    def rank(self) -> int:
-        return self.lora_A.shape[0]
+    def params(self) -> tuple[mx.array, ...]:
+        return tuple(self[name] for name in self.PARAMS)
 
     @property
     def quantized(self) -> bool:
@@ -112,8 +100,7 @@ class PissaLinear(nn.Module):
         return self.base.scales.dtype if self.quantized else self.base.weight.dtype
 
     def delta(self) -> mx.array:
-        """s * B @ A, [out, in], in the base weight's (float) dtype."""
-        return ((self.lora_B * self.scale) @ self.lora_A).astype(self._dtype())
+        raise NotImplementedError
 
     def base_weight(self) -> mx.array:
         """The base's weight as floats [out, in]: W_res, or deq(Q(W_res)) for a quantised base."""
@@ -123,17 +110,11 @@ class PissaLinear(nn.Module):
         return mx.dequantize(b.weight, b.scales, b.get("biases"), group_size=b.group_size, bits=b.bits,
                              mode=b.mode)
 
-    def __call__(self, x: mx.array) -> mx.array:
-        y = quantized_forward(self.base, x) if self.quantized else self.base(x)
-        if self.merged:
-            return y
-        if self.dropout is not None:
-            x = self.dropout(x)
-        z = (x @ self.lora_A.T.astype(x.dtype)) @ self.lora_B.T.astype(x.dtype)
-        return y + (z * self.scale).astype(y.dtype)
+    def base_forward(self, x: mx.array) -> mx.array:
+        return quantized_forward(self.base, x) if self.quantized else self.base(x)
 
     def merge(self) -> None:
-        """Add s*B@A into the base weight; the forward then skips the adapter. unmerge() undoes it.
+        """Add the update into the base weight; the forward then skips the adapter. unmerge() undoes it.
 
         Raises:
             PissaError: for a quantised base (QPiSSA); see the module docstring.
@@ -150,7 +131,7 @@ class PissaLinear(nn.Module):
             self.merged = False
 
     def fuse(self) -> nn.Linear:
-        """A plain nn.Linear computing W_res + s*B@A (this layer is left unchanged). For a
+        """A plain nn.Linear computing base + update (this layer is left unchanged). For a
         quantised base, deq(Q(W_res)) + s*B@A in the scales' dtype: the same function, in full
         precision (it is not requantised)."""
         out_features, in_features = weight_shape(self.base)
@@ -160,6 +141,57 @@ class PissaLinear(nn.Module):
         if has_bias:
             fused.bias = self.base.bias
         return fused
+
+
+class PissaLinear(AdapterLinear):
+    KIND = "lora"
+    PARAMS = ("lora_A", "lora_B")
+
+    def __init__(self, base: nn.Linear | nn.QuantizedLinear, A: mx.array, B: mx.array, scale: float,
+                 dropout: float = 0.0):
+        out_features, in_features = weight_shape(base)
+        if A.ndim != 2 or B.ndim != 2 or A.shape[1] != in_features or B.shape != (out_features, A.shape[0]):
+            raise ValueError(f"A {tuple(A.shape)} and B {tuple(B.shape)} do not fit a weight "
+                             f"{(out_features, in_features)}")
+        super().__init__(base)
+        self.lora_A = A
+        self.lora_B = B
+        self.scale = float(scale)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else None
+
+    @classmethod
+    def from_base(cls, base: nn.Linear | nn.QuantizedLinear, A: mx.array, B: mx.array, scale: float,
+                  dropout: float = 0.0) -> "PissaLinear":
+        """Wrap `base`, whose weight must already be the residual W_res (or, for an
+        nn.QuantizedLinear, its quantisation Q(W_res) from QPiSSA).
+
+        Raises:
+            ValueError: when A [r, in] and B [out, r] do not fit the weight [out, in].
+        """
+        return cls(base, A, B, scale, dropout)
+
+    @classmethod
+    def from_params(cls, base: nn.Linear | nn.QuantizedLinear, params: tuple[mx.array, ...], spec) -> "PissaLinear":
+        """from_base with the kind's parameters (A, B) and the spec's scale."""
+        A, B = params
+        return cls(base, A, B, spec.scale)
+
+    @property
+    def rank(self) -> int:
+        return self.lora_A.shape[0]
+
+    def delta(self) -> mx.array:
+        """s * B @ A, [out, in], in the base weight's (float) dtype."""
+        return ((self.lora_B * self.scale) @ self.lora_A).astype(self._dtype())
+
+    def __call__(self, x: mx.array) -> mx.array:
+        y = self.base_forward(x)
+        if self.merged:
+            return y
+        if self.dropout is not None:
+            x = self.dropout(x)
+        z = (x @ self.lora_A.T.astype(x.dtype)) @ self.lora_B.T.astype(x.dtype)
+        return y + (z * self.scale).astype(y.dtype)
 
     def _extra_repr(self) -> str:
         return f"rank={self.rank}, scale={self.scale:g}, merged={self.merged}, quantized={self.quantized}"

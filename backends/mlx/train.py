@@ -1,33 +1,29 @@
-"""`pissa train --backend mlx`: one readable loop, top to bottom.
+"""`pissa train --backend mlx`: the framework half of a run, top to bottom.
 
-Set-up (data, model, adapter, optimizer, resume), then steps of gradient accumulation,
-clipping, AdamW, logging, eval and checkpoints, then the final adapter and its converted LoRA.
-Everything that is not framework code (data, tokenisation, schedule, run folder) comes from
-pissa.data and pissa.training, shared with the torch loop, so both backends see the same
-batches in the same order and write the same run folder.
+The model (the init folder with its adapter), AdamW, the compiled micro-step and update, and the
+five framework steps pissa.loop asks for: a micro-batch's forward and backward, the clipped
+optimizer step, the eval loss, the adapter now, and the optimizer state for checkpoints.
+Everything else (data, tokenisation, schedule, run folder, resume, NaN and Ctrl-C handling, eval
+and save cadence, the final adapter and LoRA) is pissa.loop's, shared with the torch backend, so
+both backends see the same batches in the same order and write the same run folder.
 """
 
 from __future__ import annotations
 
 import functools
-import json
-import math
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
-from pissa_mlx.api import ADAPTER_KEYS, adapter_of, apply, load_base, quantized_residuals
-from tqdm.auto import tqdm
+from pissa_mlx.api import adapter_keys, adapter_of, apply, load_base, quantized_residuals
 
 import mlx.core as mx
 import mlx.optimizers as optim
 from mlx import nn
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
-from pissa.data import IGNORE, Dataset, batch_indices, collate, load_dataset, pad_id
+from pissa.data import IGNORE, Dataset, collate
 from pissa.errors import PissaError
-from pissa.formats import peft as peft_format
-from pissa.training import RunDir, TrainConfig, initial_adapter, lr_at, save_config
+from pissa.loop import prepare, run_loop
+from pissa.training import TrainConfig, lr_at
 
 OPTIMIZER_FILE = "optimizer.safetensors"
 PAD_MULTIPLE = 32  # mx.compile traces once per input shape; rounding the width keeps shapes few
@@ -57,8 +53,9 @@ def resolve_precision(precision: str, device: mx.Device) -> tuple[mx.Dtype, str]
 def cast_frozen(model: nn.Module, dtype: mx.Dtype) -> None:
     if dtype == mx.float32:
         return
+    trainable = adapter_keys(model)
     frozen = [(k, v.astype(dtype)) for k, v in tree_flatten(model.parameters())
-              if not k.endswith(ADAPTER_KEYS) and mx.issubdtype(v.dtype, mx.floating)]
+              if k not in trainable and mx.issubdtype(v.dtype, mx.floating)]
     model.update(tree_unflatten(frozen))
 
 
@@ -119,6 +116,8 @@ def to_arrays(batch: dict[str, np.ndarray], pad: int, max_len: int) -> tuple[mx.
 
 
 def eval_loss(model: nn.Module, data: Dataset, batch_size: int, pad: int, max_len: int) -> float:
+    """Mean token loss over `data` in eval mode; the model goes back to the mode it was in."""
+    was_training = model.training
     model.eval()
     total, count = 0.0, 0
     for i in range(0, len(data.examples), batch_size):
@@ -126,7 +125,7 @@ def eval_loss(model: nn.Module, data: Dataset, batch_size: int, pad: int, max_le
         loss, n = token_loss(model, ids, labels)
         mx.eval(loss, n)
         total, count = total + loss.item() * n.item(), count + n.item()
-    model.train()
+    model.train(was_training)
     return total / max(count, 1)
 
 
@@ -202,7 +201,8 @@ def _checkpointed(cls: type) -> type:
 def train(model_dir: str | Path, data: str | Path, out: str | Path, cfg: TrainConfig, *,
           eval_data: str | Path | None = None, adapter: str | Path | None = None, device: str | None = None,
           resume: bool = False, force: bool = False, progress: bool = True) -> dict:
-    """Train the PiSSA adapter of a `pissa init` folder with MLX. See `pissa train --help`.
+    """Train the adapter of a `pissa init` folder (PiSSA, LoRA, QPiSSA or MoRA) with MLX. See
+    `pissa train --help`.
 
     Returns:
         A summary dict (steps, final loss, eval loss, tokens/s, seconds, run folder).
@@ -211,102 +211,48 @@ def train(model_dir: str | Path, data: str | Path, out: str | Path, cfg: TrainCo
         PissaError: bad data or options (before any step runs), or a loss that became NaN/inf
             (after keeping the last good checkpoint).
     """
-    from transformers import AutoTokenizer
-
-    # ---------------------------------------------------------------- set-up
     dev = pick_device(device)
     compute_dtype, precision = resolve_precision(cfg.precision, dev)
-    model_dir = Path(model_dir)
-    start_adapter, init = initial_adapter(model_dir, adapter)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)  # the torch backend's tokenisation, exactly
-    train_set = load_dataset(data, tokenizer, cfg.max_seq_len)
-    eval_set = load_dataset(eval_data, tokenizer, cfg.max_seq_len) if eval_data else None
-    for ds in filter(None, (train_set, eval_set)):
-        if ds.truncated:
-            print(f"pissa train: {ds.truncated} of {len(ds.examples)} records in {ds.path} were cut to "
-                  f"--max-seq-len {cfg.max_seq_len}", file=sys.stderr)
-    run = RunDir(out, resume=resume, force=force)
-    step = 0
-    checkpoint = run.latest() if resume else None
-    if checkpoint is not None:
-        start_adapter = peft_format.load_adapter(checkpoint / "adapter")
-        step = int(json.loads((checkpoint / "state.json").read_text())["step"])
-        run.truncate_metrics(step)
-    spec = start_adapter.spec
-    info = {"role": "trained", "init_fingerprint": init.info["fingerprint"], "source": init.info.get("source")}
-    save_config(run, cfg, {"backend": "mlx", "device": str(dev), "precision": precision,
-                           "model_dir": str(model_dir.absolute()), "data": str(data), "spec": spec.to_dict()})
+    run = prepare(model_dir, data, out, cfg, backend="mlx", eval_data=eval_data, adapter=adapter, resume=resume,
+                  force=force, config={"device": str(dev), "precision": precision})
 
     mx.random.seed(cfg.seed)
-    model = load_base(model_dir, mx.float32)
-    apply(model, spec, start_adapter, quantized_residuals=quantized_residuals(model_dir))
+    model = load_base(run.model_dir, mx.float32)
+    apply(model, run.spec, run.start, quantized_residuals=quantized_residuals(run.model_dir))
     cast_frozen(model, compute_dtype)
     if cfg.grad_checkpointing:
         checkpoint_blocks(model)
     model.train()
-    opt = make_optimizer(cfg, step)
+    opt = make_optimizer(cfg, run.step)
     opt.init(model.trainable_parameters())
-    if checkpoint is not None:
-        restore(opt.state, mx.load(str(checkpoint / OPTIMIZER_FILE)), checkpoint)
-    pad = pad_id(tokenizer)
-
+    if run.checkpoint is not None:
+        restore(opt.state, mx.load(str(run.checkpoint / OPTIMIZER_FILE)), run.checkpoint)
     micro_step, update = compiled_steps(model, opt, cfg)
 
-    def save(at: int) -> Path:
-        def write_state(folder: Path) -> None:
+    class Steps:
+        grads = None
+
+        def forward_backward(self, batch, accum):
+            ids, labels, _ = to_arrays(batch, run.pad, cfg.max_seq_len)
+            loss, g = micro_step(ids, labels)
+            self.grads = g if self.grads is None else tree_map(mx.add, self.grads, g)
+            mx.eval(loss, self.grads)
+            return loss.item()
+
+        def update(self, lr):
+            opt.learning_rate = lr
+            update(self.grads)
+            self.grads = None
+            mx.eval(model.trainable_parameters(), opt.state)
+
+        def eval_loss(self, dataset):
+            return eval_loss(model, dataset, cfg.batch_size, run.pad, cfg.max_seq_len)
+
+        def adapter(self):
+            mx.eval(model.trainable_parameters(), opt.state)
+            return adapter_of(model, run.spec, run.info)
+
+        def save_state(self, folder):
             mx.save_safetensors(str(folder / OPTIMIZER_FILE), dict(tree_flatten(opt.state)))
 
-        mx.eval(model.trainable_parameters(), opt.state)
-        return run.save_checkpoint(at, adapter_of(model, spec, info), write_state, {"backend": "mlx"})
-
-    # ---------------------------------------------------------------- steps
-    bar = tqdm(total=cfg.steps, initial=step, desc="pissa train (mlx)", disable=not progress, file=sys.stderr)
-    tokens_seen, t0, loss_value, last_eval = 0, time.perf_counter(), float("nan"), None
-    try:
-        while step < cfg.steps:
-            lr = lr_at(step, cfg)
-            grads, loss_sum = None, 0.0
-            for micro in range(cfg.grad_accum):
-                idx = batch_indices(len(train_set.examples), cfg.batch_size, cfg.seed, step * cfg.grad_accum + micro)
-                ids, labels, tokens = to_arrays(collate([train_set.examples[i] for i in idx], pad), pad,
-                                                cfg.max_seq_len)
-                loss, g = micro_step(ids, labels)
-                grads = g if grads is None else tree_map(mx.add, grads, g)
-                mx.eval(loss, grads)
-                loss_sum += loss.item()
-                tokens_seen += tokens
-            loss_value = loss_sum / cfg.grad_accum
-            if not math.isfinite(loss_value):
-                kept = run.latest()
-                raise PissaError(f"the loss became {loss_value} at step {step + 1}; stopped. Last good checkpoint: "
-                                 f"{kept if kept else 'none (use --save-every)'}; lower --lr and --resume or restart")
-            opt.learning_rate = lr
-            update(grads)
-            step += 1
-            mx.eval(model.trainable_parameters(), opt.state)
-            elapsed = time.perf_counter() - t0
-            run.log({"step": step, "loss": loss_value, "lr": lr, "tokens_per_s": tokens_seen / elapsed})
-            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_seen / elapsed:,.0f}")
-            bar.update(1)
-            if eval_set and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
-                last_eval = eval_loss(model, eval_set, cfg.batch_size, pad, cfg.max_seq_len)
-                run.log({"step": step, "eval_loss": last_eval})
-            if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
-                save(step)
-    except KeyboardInterrupt:
-        bar.close()
-        saved = save(step)
-        print(f"pissa train: interrupted; saved {saved} (step {step}); continue with --resume", file=sys.stderr)
-        raise
-    bar.close()
-
-    # ---------------------------------------------------------------- final outputs
-    if eval_set:
-        last_eval = eval_loss(model, eval_set, cfg.batch_size, pad, cfg.max_seq_len)
-        run.log({"step": step, "eval_loss": last_eval})
-    save(step)
-    run.finish(adapter_of(model, spec, info), init)
-    run.plot()
-    elapsed = time.perf_counter() - t0
-    return {"steps": step, "loss": loss_value, "eval_loss": last_eval, "tokens_per_s": tokens_seen / max(elapsed, 1e-9),
-            "seconds": elapsed, "out": str(run.path)}
+    return run_loop(run, Steps(), desc="mlx", progress=progress)

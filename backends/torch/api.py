@@ -1,5 +1,9 @@
 """The torch backend's public verbs over a transformers model: apply, load, merge, unmerge,
-adapter_state_dict, save_adapter. Models are changed in place and returned."""
+adapter_state_dict, save_adapter. Models are changed in place and returned.
+
+Every adapter kind (pissa.kinds) goes through the same verbs; LAYERS maps a kind to the layer
+class that implements its forward.
+"""
 
 from __future__ import annotations
 
@@ -11,13 +15,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from pissa.decompose import decompose_many
+from pissa import kinds
 from pissa.errors import PissaError
 from pissa.formats import peft as peft_format
 from pissa.formats.peft import Adapter
 from pissa.formats.peft import check_fits as _check_fits
 from pissa.spec import AdapterSpec
-from pissa_torch.layer import PissaLinear
+from pissa_torch.layer import AdapterLinear, PissaLinear
+from pissa_torch.mora import MoraLinear
 from pissa_torch.ops import make_ops
 from pissa_torch.quantized import AffineQuantLinear, compute_dtype, is_quantized, load_base
 
@@ -39,10 +44,14 @@ def from_numpy(a: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(a)
 
 
-def pissa_layers(model: nn.Module) -> Iterator[tuple[str, PissaLinear]]:
-    """(module path, layer) of every PissaLinear, with PEFT's module paths (no "base" suffix)."""
+LAYERS: dict[str, type[AdapterLinear]] = {"lora": PissaLinear, "mora": MoraLinear}
+
+
+def pissa_layers(model: nn.Module) -> Iterator[tuple[str, AdapterLinear]]:
+    """(module path, layer) of every adapter layer (PissaLinear, MoraLinear), with PEFT's module
+    paths (no "base" suffix)."""
     for name, module in model.named_modules():
-        if isinstance(module, PissaLinear):
+        if isinstance(module, AdapterLinear):
             yield name, module
 
 
@@ -65,54 +74,66 @@ def _replace(model: nn.Module, path: str, new: nn.Module) -> None:
 
 
 def _freeze_all_but_adapters(model: nn.Module) -> None:
-    for name, p in model.named_parameters():
-        p.requires_grad_(name.endswith(("lora_A", "lora_B")))
+    # Each layer names its own trainable parameters; nothing is matched by name suffix.
+    model.requires_grad_(False)
+    for _, layer in pissa_layers(model):
+        for p in layer.params():
+            p.requires_grad_(True)
 
 
 @torch.no_grad()
 def apply(model: nn.Module, spec: AdapterSpec, adapter: Adapter | None = None,
           device: str | None = None) -> nn.Module:
-    """Wrap the spec's target nn.Linear layers of `model` in PissaLinear, in place.
+    """Wrap the spec's target nn.Linear layers of `model` in the layer of the spec's adapter kind
+    (PissaLinear for PiSSA and LoRA, MoraLinear for MoRA), in place.
 
-    Without `adapter`, each target is decomposed now (on `device`, default the weight's) and its
-    weight replaced by the residual, so the model computes the same function. With `adapter`
-    (e.g. from pissa_init), the weights must already be the residuals and no SVD runs.
-    Afterwards only lora_A and lora_B are trainable. Quantised targets (a QPiSSA residual,
-    see pissa_torch.quantized) need `adapter`; their factors take the layer's compute dtype.
+    Without `adapter`, each target is initialised now (PiSSA: decomposed on `device`, default the
+    weight's, and its weight replaced by the residual, so the model computes the same function;
+    MoRA: M = 0, the weight unchanged). With `adapter` (e.g. from pissa_init), the weights must
+    already be what the init left (the residuals for PiSSA) and no SVD runs. Afterwards only the
+    adapter parameters are trainable. Quantised targets (a QPiSSA residual, see
+    pissa_torch.quantized) need `adapter`; their factors take the layer's compute dtype.
 
     Raises:
-        PissaError: when targets match nothing, the adapter does not fit the model (every
-            missing module and shape mismatch listed at once), or a quantised target has no adapter.
+        PissaError: when the model already has adapter layers, targets match nothing, the adapter
+            does not fit the model (every missing module and shape mismatch listed at once), or a
+            quantised target has no adapter.
     """
+    if any(True for _ in pissa_layers(model)):
+        raise PissaError("this model already has PiSSA layers (adapters of pissa's kinds); load a fresh model "
+                         "to apply another adapter, or fuse the present ones first")
     targets = _targets(model, spec)
     if adapter is not None:
         _check_fits(adapter, {n: (m.out_features, m.in_features) for n, m in targets.items()})
     elif any(is_quantized(m) for m in targets.values()):
         raise PissaError("this model's target layers are quantised, and PiSSA cannot start from a quantised "
                          "weight; run `pissa init --quantize` on the unquantised model and load that folder")
+    kind = spec.kind_module
     for name, linear in targets.items():
         w = linear.weight
         if adapter is not None:
-            A, B = (from_numpy(x).to(compute_dtype(linear)) for x in adapter.factors[name])
+            params = tuple(from_numpy(x).to(compute_dtype(linear)) for x in adapter.factors[name])
         else:
             ops = make_ops(device or str(w.device))
-            f = decompose_many([to_numpy(w.float())], [name], spec, ops)[0]
-            w.copy_(from_numpy(f.residual).to(w.dtype))
-            A, B = from_numpy(f.A), from_numpy(f.B)
-        _replace(model, name, PissaLinear.from_base(linear, A, B, spec.scale))
+            result = kind.init([to_numpy(w.float())], [name], spec, ops)[0]
+            if kind.RESIDUAL:
+                w.copy_(from_numpy(result.base).to(w.dtype))
+            params = tuple(from_numpy(x) for x in result.params)
+        _replace(model, name, LAYERS[spec.kind].from_params(linear, params, spec))
     _freeze_all_but_adapters(model)
     return model
 
 
 def load(model_dir: str | Path, adapter_dir: str | Path | None = None, *, device: str | None = None,
          dtype: torch.dtype = torch.float32) -> tuple[nn.Module, AdapterSpec]:
-    """A residual model folder plus an adapter folder (default MODEL_DIR/pissa_init), no SVD.
+    """A pissa init folder (the residual model, or the unchanged base for MoRA) plus an adapter
+    folder (default MODEL_DIR/pissa_init), no SVD.
 
     The folder may hold a quantised residual (`pissa init --quantize`): nf4 loads as bitsandbytes
     Linear4bit layers, int8 / affine4 as AffineQuantLinear (pissa_torch.quantized.load_base).
 
     Returns:
-        (model, spec): the transformers model with PissaLinear layers, on `device`.
+        (model, spec): the transformers model with adapter layers, on `device`.
     """
     adapter = peft_format.load_adapter(adapter_dir or Path(model_dir) / "pissa_init")
     model = load_base(model_dir, dtype=dtype, device=device)
@@ -121,7 +142,8 @@ def load(model_dir: str | Path, adapter_dir: str | Path | None = None, *, device
 
 
 def merge(model: nn.Module) -> nn.Module:
-    """Add every adapter into its base weight (forward unchanged, faster). unmerge() undoes it."""
+    """Add every adapter's update into its base weight (forward unchanged, faster). unmerge()
+    undoes it."""
     for _, layer in pissa_layers(model):
         layer.merge()
     return model
@@ -134,20 +156,21 @@ def unmerge(model: nn.Module) -> nn.Module:
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """{PEFT key: tensor}, e.g. "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"."""
+    """{file key: tensor}, e.g. "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+    (the kind's tensor names: pissa.kinds)."""
     out = {}
     for name, layer in pissa_layers(model):
-        out[peft_format.key(name, "A")] = layer.lora_A.detach()
-        out[peft_format.key(name, "B")] = layer.lora_B.detach()
+        for t, p in zip(kinds.get(layer.KIND).TENSORS, layer.params()):
+            out[peft_format.tensor_key(name, t)] = p.detach()
     return out
 
 
 def adapter_of(model: nn.Module, spec: AdapterSpec, info: dict | None = None) -> Adapter:
-    """The model's current factors as a core Adapter, in the spec's storage dtype."""
+    """The model's current adapter parameters as a core Adapter, in the spec's storage dtype."""
     from pissa.formats.safetensors import np_dtype
 
     dt = np_dtype(spec.dtype)
-    factors = {name: (to_numpy(layer.lora_A.float()).astype(dt), to_numpy(layer.lora_B.float()).astype(dt))
+    factors = {name: tuple(to_numpy(p.float()).astype(dt) for p in layer.params())
                for name, layer in pissa_layers(model)}
     return Adapter(spec, factors, info=dict(info or {}))
 

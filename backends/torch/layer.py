@@ -1,7 +1,10 @@
-"""PissaLinear: a base linear layer holding W_res, plus the trainable factors A [r, in] and B [out, r].
+"""Adapter layers over a frozen base linear layer, one class per adapter kind (pissa.kinds), each
+wrapping and unwrapping itself in the mlx-lm style (from_base / fuse):
 
-y = base(x) + s * (dropout(x) A^T) B^T. It wraps and unwraps itself in the mlx-lm style:
-PissaLinear.from_base(linear, A, B, scale) and layer.fuse() -> nn.Linear.
+- AdapterLinear: what every kind shares: the frozen base, merge / unmerge / fuse through the
+  kind's dense update delta(), and the names of its trainable parameters (PARAMS);
+- PissaLinear (kind "lora"): W_res plus the trainable factors A [r, in] and B [out, r],
+  y = base(x) + s * (dropout(x) A^T) B^T. MoraLinear lives in pissa_torch.mora.
 The base is an nn.Linear, or for QPiSSA a quantised one (a bitsandbytes Linear4bit or an
 AffineQuantLinear, see pissa_torch.quantized) holding deq(Q(W_res)): forward and fuse work on
 it, merge refuses (adding s*B@A into a quantised weight would re-quantise it, which changes
@@ -17,47 +20,28 @@ from pissa.errors import PissaError
 from pissa_torch.quantized import compute_dtype, dequantized_weight, is_quantized
 
 
-class PissaLinear(nn.Module):
-    def __init__(self, base: nn.Module, A: torch.Tensor, B: torch.Tensor, scale: float, dropout: float = 0.0):
+class AdapterLinear(nn.Module):
+    """The part every adapter kind shares. Subclasses set KIND and PARAMS, and define forward()
+    and delta() (the dense update [out, in] in the base's compute dtype)."""
+
+    KIND: str = ""
+    PARAMS: tuple[str, ...] = ()   # trainable parameters, in the order of the kind's TENSORS
+
+    def __init__(self, base: nn.Module):
         super().__init__()
-        out_features, in_features = base.out_features, base.in_features
-        if A.shape != (A.shape[0], in_features) or B.shape != (out_features, A.shape[0]):
-            raise ValueError(f"A {tuple(A.shape)} and B {tuple(B.shape)} do not fit a weight "
-                             f"{(out_features, in_features)}")
         self.base = base
         self.base.requires_grad_(False)
-        # The factors live in the base weight's dtype and device unless given otherwise.
-        self.lora_A = nn.Parameter(A.to(base.weight.device))
-        self.lora_B = nn.Parameter(B.to(base.weight.device))
-        self.scale = float(scale)
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
 
-    @classmethod
-    def from_base(cls, base: nn.Module, A: torch.Tensor, B: torch.Tensor, scale: float,
-                  dropout: float = 0.0) -> "PissaLinear":
-        """Wrap `base` (nn.Linear or a quantised linear), whose weight must already be the residual W_res."""
-        return cls(base, A, B, scale, dropout)
-
-    @property
-    def rank(self) -> int:
-        return self.lora_A.shape[0]
+    def params(self) -> tuple[nn.Parameter, ...]:
+        return tuple(getattr(self, name) for name in self.PARAMS)
 
     def delta(self) -> torch.Tensor:
-        """s * B @ A, [out, in], in the base's compute dtype."""
-        return (self.lora_B @ self.lora_A * self.scale).to(compute_dtype(self.base))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
-        if self.merged:
-            return y
-        a = self.lora_A.to(x.dtype) if self.lora_A.dtype != x.dtype else self.lora_A
-        b = self.lora_B.to(x.dtype) if self.lora_B.dtype != x.dtype else self.lora_B
-        return y + (self.dropout(x) @ a.T @ b.T) * self.scale
+        raise NotImplementedError
 
     @torch.no_grad()
     def merge(self) -> None:
-        """Add s*B@A into the base weight; forward then skips the adapter. unmerge() undoes it.
+        """Add the update into the base weight; forward then skips the adapter. unmerge() undoes it.
 
         Raises:
             PissaError: on a quantised base (QPiSSA), which cannot take the sum exactly.
@@ -77,7 +61,7 @@ class PissaLinear(nn.Module):
 
     @torch.no_grad()
     def fuse(self) -> nn.Linear:
-        """A plain nn.Linear computing W_res + s*B@A (this layer is left unchanged). On a quantised
+        """A plain nn.Linear computing base + update (this layer is left unchanged). On a quantised
         base it is deq(Q(W_res)) + s*B@A in the compute dtype: the function the layer computes,
         as a float layer (as large as the unquantised one)."""
         weight = dequantized_weight(self.base)
@@ -87,6 +71,51 @@ class PissaLinear(nn.Module):
         if self.base.bias is not None:
             fused.bias.copy_(self.base.bias)
         return fused
+
+
+class PissaLinear(AdapterLinear):
+    KIND = "lora"
+    PARAMS = ("lora_A", "lora_B")
+
+    def __init__(self, base: nn.Module, A: torch.Tensor, B: torch.Tensor, scale: float, dropout: float = 0.0):
+        out_features, in_features = base.out_features, base.in_features
+        if A.shape != (A.shape[0], in_features) or B.shape != (out_features, A.shape[0]):
+            raise ValueError(f"A {tuple(A.shape)} and B {tuple(B.shape)} do not fit a weight "
+                             f"{(out_features, in_features)}")
+        super().__init__(base)
+        # The factors live in the base weight's dtype and device unless given otherwise.
+        self.lora_A = nn.Parameter(A.to(base.weight.device))
+        self.lora_B = nn.Parameter(B.to(base.weight.device))
+        self.scale = float(scale)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    @classmethod
+    def from_base(cls, base: nn.Module, A: torch.Tensor, B: torch.Tensor, scale: float,
+                  dropout: float = 0.0) -> "PissaLinear":
+        """Wrap `base` (nn.Linear or a quantised linear), whose weight must already be the residual W_res."""
+        return cls(base, A, B, scale, dropout)
+
+    @classmethod
+    def from_params(cls, base: nn.Module, params: tuple[torch.Tensor, ...], spec) -> "PissaLinear":
+        """from_base with the kind's parameters (A, B) and the spec's scale."""
+        A, B = params
+        return cls(base, A, B, spec.scale)
+
+    @property
+    def rank(self) -> int:
+        return self.lora_A.shape[0]
+
+    def delta(self) -> torch.Tensor:
+        """s * B @ A, [out, in], in the base's compute dtype."""
+        return (self.lora_B @ self.lora_A * self.scale).to(compute_dtype(self.base))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        if self.merged:
+            return y
+        a = self.lora_A.to(x.dtype) if self.lora_A.dtype != x.dtype else self.lora_A
+        b = self.lora_B.to(x.dtype) if self.lora_B.dtype != x.dtype else self.lora_B
+        return y + (self.dropout(x) @ a.T @ b.T) * self.scale
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, scale={self.scale:g}, merged={self.merged}"

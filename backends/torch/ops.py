@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import torch
 
 from pissa.errors import PissaError
 
-_DTYPES = {"float64": torch.float64, "float32": torch.float32}
 _STORAGE = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -26,6 +27,9 @@ class TorchOps:
     def __init__(self, device: torch.device):
         self.device = device
         self.svd_batch = 1
+
+    def scope(self, compute_dtype: str):
+        return contextlib.nullcontext()  # torch runs float64 on every device it decomposes on
 
     def asarray(self, a: np.ndarray, dtype: str) -> torch.Tensor:
         # Convert on the host first: torch.from_numpy shares memory, and .to() then copies once.

@@ -1,7 +1,8 @@
 """PEFT adapter folders: adapter_config.json + adapter_model.safetensors (+ our pissa_config.json).
 
 PEFT keys are "base_model.model.<module>.lora_A.weight" [r, in] and "...lora_B.weight" [out, r],
-the same orientation as pissa's A and B, so nothing is transposed here.
+the same orientation as pissa's A and B, so nothing is transposed here. Other adapter kinds use the
+same folder with their own tensor names (pissa.kinds: each kind's TENSORS).
 pissa_config.json holds what PEFT's config has no key for (how the adapter was initialised);
 PEFT, vLLM and the llama.cpp converter ignore it.
 """
@@ -30,30 +31,36 @@ MLX_LM_KEYS = ("fine_tune_type", "num_layers", "lora_parameters")
 
 @dataclass
 class Adapter:
-    """An adapter in memory: module path -> (A [r, in], B [out, r]) numpy arrays.
+    """An adapter in memory: module path -> the kind's parameters as numpy arrays, in the order of
+    spec.kind_module.TENSORS: (A [r, in], B [out, r]) for PiSSA and LoRA, (M [r_hat, r_hat],) for MoRA.
 
     info holds pissa_config.json's extra fields (e.g. "role": "pissa_init" | "trained" |
     "lora", and "fingerprint" of the initial adapter).
     """
 
     spec: AdapterSpec
-    factors: dict[str, tuple[np.ndarray, np.ndarray]]
+    factors: dict[str, tuple[np.ndarray, ...]]
     base_model: str | None = None
     info: dict[str, Any] = field(default_factory=dict)
 
 
 def key(module: str, which: str) -> str:
     """PEFT's tensor name for a module's "A" or "B" factor."""
-    return f"{_PREFIX}{module}.lora_{which}.weight"
+    return tensor_key(module, f"lora_{which}")
+
+
+def tensor_key(module: str, name: str) -> str:
+    """The file's tensor name for one parameter (a kind's TENSORS entry) of a module."""
+    return f"{_PREFIX}{module}.{name}.weight"
 
 
 def save_adapter(path: str | Path, adapter: Adapter) -> None:
     """Write a PEFT adapter folder into `path` (which must exist; callers write atomically)."""
     path = Path(path)
     tensors: dict[str, np.ndarray] = {}
-    for module, (A, B) in adapter.factors.items():
-        tensors[key(module, "A")] = A
-        tensors[key(module, "B")] = B
+    names = adapter.spec.kind_module.TENSORS
+    for module, params in adapter.factors.items():
+        tensors.update((tensor_key(module, name), p) for name, p in zip(names, params))
     safetensors.save(path / WEIGHTS, tensors, metadata={"format": "pt"})
     cfg = adapter.spec.to_peft_config(initialized=True, base_model=adapter.base_model)
     (path / CONFIG).write_text(dumps(cfg))
@@ -64,8 +71,8 @@ def load_adapter(path: str | Path) -> Adapter:
     """Read a PEFT LoRA adapter folder (ours or PEFT's).
 
     Raises:
-        PissaError: when the folder lacks the files, the config is not a LoRA config pissa
-            supports, or a module has only one of its two factors or factors whose ranks differ.
+        PissaError: when the folder lacks the files, the config is not a LoRA (or MoRA) config
+            pissa supports, or a module lacks one of its kind's tensors or has inconsistent shapes.
     """
     path = Path(path)
     if not (path / CONFIG).is_file() or not (path / WEIGHTS).is_file():
@@ -81,21 +88,21 @@ def load_adapter(path: str | Path) -> Adapter:
     peft_view = AdapterSpec.from_peft_config(cfg, extras=_non_peft(spec.to_dict()))
     if (peft_view.rank, peft_view.alpha, peft_view.use_rslora) != (spec.rank, spec.alpha, spec.use_rslora):
         raise PissaError(f"{path}: {CONFIG} and {SIDECAR} disagree on rank/alpha; one was edited by hand")
+    kind = spec.kind_module
     f = safetensors.SafetensorsFile(path / WEIGHTS)
-    factors: dict[str, dict[str, np.ndarray]] = {}
+    found: dict[str, dict[str, np.ndarray]] = {}
     for name in f.keys():
-        if not (name.startswith(_PREFIX) and name.endswith((".lora_A.weight", ".lora_B.weight"))):
-            raise PissaError(f"{path}: unexpected tensor {name}; pissa reads LoRA A/B weights only")
-        module, which = name[len(_PREFIX): -len(".lora_A.weight")], name[-8]
-        factors.setdefault(module, {})[which] = np.array(f.get(name))
-    problems = [f"{m}: missing lora_{w}" for m, d in factors.items() for w in "AB" if w not in d]
-    problems += [f"{m}: A {d['A'].shape} and B {d['B'].shape} do not fit rank {spec.rank}"
-                 for m, d in factors.items() if len(d) == 2
-                 and not (d["A"].shape[0] == d["B"].shape[1] == spec.rank)]
+        module, _, leaf = name.removeprefix(_PREFIX).removesuffix(".weight").rpartition(".")
+        if not (name.startswith(_PREFIX) and name.endswith(".weight") and leaf in kind.TENSORS):
+            raise PissaError(f"{path}: unexpected tensor {name}; a {kind.NAME} adapter holds "
+                             f"{' and '.join(kind.TENSORS)} weights only")
+        found.setdefault(module, {})[leaf] = np.array(f.get(name))
+    problems = [f"{m}: missing {t}" for m, d in found.items() for t in kind.TENSORS if t not in d]
+    factors = {m: tuple(d[t] for t in kind.TENSORS) for m, d in found.items() if len(d) == len(kind.TENSORS)}
+    problems += [f"{m}: {why}" for m, params in factors.items() if (why := kind.inconsistent(spec, params))]
     if problems:
         raise PissaError(f"{path}: {len(problems)} problem(s): " + "; ".join(problems))
-    return Adapter(spec, {m: (d["A"], d["B"]) for m, d in factors.items()},
-                   base_model=cfg.get("base_model_name_or_path"), info=extra)
+    return Adapter(spec, factors, base_model=cfg.get("base_model_name_or_path"), info=extra)
 
 
 def check_fits(adapter: Adapter, shapes: Mapping[str, tuple[int, int]]) -> None:
@@ -107,11 +114,24 @@ def check_fits(adapter: Adapter, shapes: Mapping[str, tuple[int, int]]) -> None:
     """
     problems = [f"{m}: not a target linear layer of this model" for m in adapter.factors if m not in shapes]
     problems += [f"{m}: no adapter weights" for m in shapes if m not in adapter.factors]
-    for m, (A, B) in adapter.factors.items():
-        if m in shapes and (A.shape[1] != shapes[m][1] or B.shape[0] != shapes[m][0]):
-            problems.append(f"{m}: A {tuple(A.shape)} / B {tuple(B.shape)} do not fit weight {tuple(shapes[m])}")
+    problems += misfits(adapter, {m: s for m, s in shapes.items() if m in adapter.factors})
     if problems:
         raise PissaError(f"the adapter does not fit this model ({len(problems)} problem(s)): " + "; ".join(problems))
+
+
+def misfits(adapter: Adapter, shapes: Mapping[str, tuple[int, int]]) -> list[str]:
+    """One line per module whose parameters do not have the shapes its kind gives a weight of
+    shapes[module] ([out, in]); modules absent from `shapes` are not checked."""
+    kind = adapter.spec.kind_module
+    problems = []
+    for m, params in adapter.factors.items():
+        if m not in shapes:
+            continue
+        want = kind.shapes(adapter.spec, tuple(shapes[m]))
+        if tuple(tuple(p.shape) for p in params) != tuple(want):
+            have = " / ".join(f"{t.removeprefix('lora_')} {tuple(p.shape)}" for t, p in zip(kind.TENSORS, params))
+            problems.append(f"{m}: {have} do not fit weight {tuple(shapes[m])}")
+    return problems
 
 
 def _non_peft(d: Mapping[str, Any]) -> dict[str, Any]:

@@ -1,0 +1,142 @@
+"""The LoRA-shaped kind: A [r, in] and B [out, r], dW = s * B @ A. PiSSA, its randomised variant
+and LoRA's own init all train this pair; they differ only in how it starts (pissa.decompose).
+
+Conversion (REFERENCE.md section 2): training moves (A0, B0) to (A', B'), so the model is
+W_res + s B'A' = W + s (B'A' - B0A0) = W + s [B' | -B0] @ [A' ; A0]: a plain rank-2r LoRA on
+the ORIGINAL weights W, with the same scale s (alpha -> 2 alpha; rsLoRA alpha -> sqrt(2) alpha).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import warnings
+from typing import Any, Sequence
+
+import numpy as np
+
+from pissa.errors import PissaError
+from pissa.kinds import Init
+
+NAME = "lora"
+INITS = ("pissa", "pissa-fast", "lora")
+TENSORS = ("lora_A", "lora_B")
+RECORDS_SHAPES = False  # pissa_config.json "shapes": [out, in] of each module
+RESIDUAL = True
+
+
+class QuantizedBaseWarning(UserWarning):
+    """The converted LoRA of a QPiSSA run is exact only on the unquantised base model."""
+
+
+def check(spec) -> None:
+    """Nothing beyond AdapterSpec's own checks."""
+
+
+def scale(spec) -> float:
+    return spec.alpha / (math.sqrt(spec.rank) if spec.use_rslora else spec.rank)
+
+
+def shapes(spec, shape: tuple[int, int]) -> tuple[tuple[int, int], ...]:
+    out, n_in = shape
+    return (spec.rank, n_in), (out, spec.rank)
+
+
+def misfit(spec, shape: tuple[int, int]) -> str | None:
+    if spec.rank > min(shape):
+        return f"rank {spec.rank} exceeds min(out, in) = {min(shape)}"
+    return None
+
+
+def inconsistent(spec, params: tuple[np.ndarray, ...]) -> str | None:
+    A, B = params
+    if not (A.ndim == B.ndim == 2 and A.shape[0] == B.shape[1] == spec.rank):
+        return f"A {A.shape} and B {B.shape} do not fit rank {spec.rank}"
+    return None
+
+
+def init(Ws: Sequence[np.ndarray], names: Sequence[str], spec, ops) -> list[Init]:
+    from pissa.decompose import decompose_many
+
+    return [Init((f.A, f.B), f.residual, f.spectrum) for f in decompose_many(Ws, names, spec, ops)]
+
+
+def delta(spec, params: tuple[np.ndarray, ...], shape: tuple[int, int], dtype=np.float64) -> np.ndarray:
+    """s * B @ A [out, in], computed in `dtype` (float64: the oracle; merge uses float32)."""
+    A, B = params
+    return (B.astype(dtype) @ A.astype(dtype)) * dtype(scale(spec))
+
+
+def peft_fields(spec) -> dict[str, Any]:
+    return {}
+
+
+PEFT_KEYS: tuple[str, ...] = ()
+
+
+def from_peft(cfg: dict[str, Any]) -> dict[str, Any] | None:
+    """Spec fields for a PEFT config of this kind, or None when the config is not this kind."""
+    return None
+
+
+def quantized_base_note(initial) -> str | None:
+    """The caveat for a LoRA converted from a QPiSSA init, or None for a plain PiSSA init."""
+    q = initial.info.get("quantization")
+    if not q:
+        return None
+    return (f"this adapter was trained on a {q.get('scheme')}-quantised residual (QPiSSA); the converted LoRA "
+            "reproduces the trained model exactly only on the unquantised original base, and on a quantised base "
+            "it carries that base's quantisation error (PEFT says the same of its conversions)")
+
+
+def converts(spec) -> bool:
+    return True
+
+
+def to_lora(initial, trained):
+    """The rank-2r LoRA that turns the original model into the trained PiSSA model.
+
+    Args:
+        initial: the adapter pissa init wrote (DIR/pissa_init); required.
+        trained: the same adapter after training.
+
+    Raises:
+        PissaError: when `initial` is missing or `trained` did not start from it (different
+            fingerprint, modules, ranks or scales).
+
+    Warns:
+        QuantizedBaseWarning: when `initial` is a QPiSSA init (see quantized_base_note).
+    """
+    if initial is None:
+        raise PissaError("converting a PiSSA or LoRA adapter needs --initial MODEL_DIR/pissa_init, the init it "
+                         "was trained from")
+    start = trained.info.get("init_fingerprint")
+    if initial.info.get("role") != "pissa_init":
+        raise PissaError("--initial must be the pissa_init folder that pissa init wrote")
+    if start is not None and start != initial.info.get("fingerprint"):
+        raise PissaError("the trained adapter started from a different init than --initial "
+                         f"(fingerprint {start} vs {initial.info.get('fingerprint')}); pass the pissa_init "
+                         "folder of the model it was trained on")
+    if set(initial.factors) != set(trained.factors):
+        raise PissaError(f"--initial and --trained adapt different modules "
+                         f"({len(initial.factors)} vs {len(trained.factors)}); they are not the same run")
+    si, st = initial.spec, trained.spec
+    if si.kind != st.kind or (si.rank, si.scale) != (st.rank, st.scale):
+        raise PissaError(f"--initial has rank {si.rank} and scale {si.scale:g} but --trained has rank "
+                         f"{st.rank} and scale {st.scale:g}; they are not the same run")
+    note = quantized_base_note(initial)
+    if note:
+        warnings.warn(note, QuantizedBaseWarning, stacklevel=3)
+    factors = {}
+    for m, (A0, B0) in initial.factors.items():
+        A1, B1 = trained.factors[m]
+        dtype = A1.dtype
+        A = np.concatenate([A1.astype(np.float32), A0.astype(np.float32)], axis=0)    # [2r, in]
+        B = np.concatenate([B1.astype(np.float32), -B0.astype(np.float32)], axis=1)   # [out, 2r]
+        factors[m] = (A.astype(dtype), B.astype(dtype))
+    alpha = st.alpha * (math.sqrt(2) if st.use_rslora else 2)
+    spec = dataclasses.replace(st, rank=2 * st.rank, alpha=alpha, init="lora")
+    if not math.isclose(spec.scale, st.scale, rel_tol=1e-12):
+        raise AssertionError("conversion must keep the scale")
+    return type(trained)(spec, factors, base_model=initial.info.get("source"),
+                         info={"role": "lora", "converted_from": trained.info.get("init_fingerprint")})

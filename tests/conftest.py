@@ -150,24 +150,43 @@ def smollm2_tokenizer_dir(tmp_path_factory, smollm2) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_chat(tmp_path_factory, smollm2_tokenizer_dir) -> Path:
-    """A tiny random Llama that speaks SmolLM2's tokenizer, after `pissa init` (rank 4): fast
-    enough to train for a few steps in every test that needs a run."""
+def tiny_chat_base(tmp_path_factory, smollm2_tokenizer_dir) -> Path:
+    """A tiny random Llama that speaks SmolLM2's tokenizer (the model itself, before pissa init)."""
     import shutil
 
-    from pissa.init import run_init
-    from pissa.spec import AdapterSpec
-
-    root = tmp_path_factory.mktemp("tiny_chat")
-    src = write_tiny_llama(root / "base", vocab=49152, hidden=64, inter=128)
+    src = write_tiny_llama(tmp_path_factory.mktemp("tiny_chat") / "base", vocab=49152, hidden=64, inter=128)
     for f in smollm2_tokenizer_dir.iterdir():
         shutil.copy(f, src / f.name)
     cfg = json.loads((src / "config.json").read_text())
     cfg.update(bos_token_id=1, eos_token_id=2, pad_token_id=2)
     (src / "config.json").write_text(json.dumps(cfg))
     (src / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}))
-    run_init(str(src), root / "init", AdapterSpec(rank=4), progress=False)
-    return root / "init"
+    return src
+
+
+@pytest.fixture(scope="session")
+def tiny_chat(tiny_chat_base) -> Path:
+    """tiny_chat_base after `pissa init` (rank 4): fast enough to train for a few steps in every
+    test that needs a run."""
+    from pissa.init import run_init
+    from pissa.spec import AdapterSpec
+
+    run_init(str(tiny_chat_base), tiny_chat_base.parent / "init", AdapterSpec(rank=4), progress=False)
+    return tiny_chat_base.parent / "init"
+
+
+@pytest.fixture(scope="session")
+def tiny_mora(tiny_chat_base) -> dict[str, Path]:
+    """tiny_chat_base after `pissa init --init mora --rank 4`, per MoRA type. Its shapes cover the
+    cases: r_hat dividing nothing, and in > out with L > out (k_proj, v_proj, down_proj)."""
+    from pissa.init import run_init
+    from pissa.spec import AdapterSpec
+
+    out = {}
+    for kind in ("sharing", "rotation"):
+        out[kind] = tiny_chat_base.parent / f"mora-{kind}"
+        run_init(str(tiny_chat_base), out[kind], AdapterSpec(rank=4, init="mora", mora_type=kind), progress=False)
+    return out
 
 
 DATA = Path(__file__).resolve().parent.parent / "data" / "arith"

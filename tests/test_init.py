@@ -83,10 +83,10 @@ def test_peak_memory_follows_the_largest_matrix_not_the_model(tmp_path):
 
 
 def test_failure_leaves_nothing(tiny_llama, tmp_path, monkeypatch):
-    import pissa.init
+    import pissa.decompose
 
     calls = {"n": 0}
-    real = pissa.init.decompose_many
+    real = pissa.decompose.decompose_many
 
     def flaky(*a, **k):
         calls["n"] += 1
@@ -94,7 +94,7 @@ def test_failure_leaves_nothing(tiny_llama, tmp_path, monkeypatch):
             raise RuntimeError("disk on fire")
         return real(*a, **k)
 
-    monkeypatch.setattr(pissa.init, "decompose_many", flaky)
+    monkeypatch.setattr(pissa.decompose, "decompose_many", flaky)
     out = tmp_path / "out"
     with pytest.raises(RuntimeError, match="disk on fire"):
         run_init(str(tiny_llama), out, AdapterSpec(rank=4), progress=False)

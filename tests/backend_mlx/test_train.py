@@ -50,7 +50,7 @@ def test_run_folder_has_everything(mlx_run):
 
 def test_interrupt_leaves_a_checkpoint_and_resume_reproduces_the_run(tiny_chat, tmp_path, monkeypatch, mlx_run,
                                                                      small_eval):
-    import pissa_mlx.train as loop
+    import pissa.loop as loop  # the step loop both backends share
 
     real = loop.lr_at
 

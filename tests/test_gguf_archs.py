@@ -136,7 +136,7 @@ def write_like_llama_cpp(path: Path, case: Case, cfg, state: dict[str, np.ndarra
         w.add_rope_freq_base(rope.get("full_attention", rope)["rope_theta"])
     if arch in ("llama", "phi3"):
         w.add_rope_dimension_count(head_dim)
-    if getattr(cfg, "sliding_window", None) and arch != "llama":
+    if arch in ("gemma2", "gemma3", "phi3"):
         w.add_sliding_window(cfg.sliding_window)
     for k, v in case.meta.items():
         w.add_float32(f"{arch}.{k}", v) if isinstance(v, float) else w.add_uint32(f"{arch}.{k}", v)
@@ -166,8 +166,8 @@ class Built:
 
 
 def vocab_size(kind: str, arch: str) -> int:
-    w = gguf.GGUFWriter(None, arch)
-    return add_vocab(w, kind, arch)
+    """The size of the vocabulary add_vocab writes, which the checkpoint's embedding must match."""
+    return add_vocab(gguf.GGUFWriter(None, arch), kind, arch)
 
 
 @pytest.fixture(scope="module", params=list(CASES))
@@ -189,7 +189,8 @@ def built(request, tmp_path_factory) -> Built:
 def test_tensors_equal_transformers(built):
     ours, ref = built.ours, built.ref.state_dict()
     shapes = ours.shapes()
-    if built.ours.config["tie_word_embeddings"]:
+    assert ours.config["tie_word_embeddings"] == built.case.hf_config["tie_word_embeddings"]
+    if ours.config["tie_word_embeddings"]:
         # transformers lists the tied lm_head as the embedding's storage; the file has no such tensor.
         assert "lm_head.weight" not in shapes
         assert ref["lm_head.weight"].data_ptr() == ref["model.embed_tokens.weight"].data_ptr()
@@ -264,7 +265,7 @@ def test_tokenizer_equals_transformers(built, tmp_path):
         assert ours.decode(ref(text).input_ids) == ref.decode(ref(text).input_ids), text
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # 1-2 s each alone, up to 8 s on shared cores
 def test_pissa_init_reproduces_the_gguf_model(built, tmp_path):
     """The residual folder plus its adapter compute the GGUF model's logits, in transformers and mlx-lm."""
     from pissa import AdapterSpec
@@ -278,13 +279,13 @@ def test_pissa_init_reproduces_the_gguf_model(built, tmp_path):
         model, _ = load(tmp_path / "out")
         got = model(torch.tensor(ids)).logits.numpy()
     scale = np.abs(want).max()
-    assert np.abs(got - want).max() <= 1e-5 * scale  # measured: see the commit message
+    assert np.abs(got - want).max() <= 5e-6 * scale  # measured: at most 7e-7 relative, every architecture
     mx = pytest.importorskip("mlx.core")
     from pissa_mlx import load as mlx_load
 
     mlx_model, _ = mlx_load(tmp_path / "out")
     got_mlx = np.array(mlx_model(mx.array(ids)))
-    assert np.abs(got_mlx - want).max() <= 1e-4 * scale
+    assert np.abs(got_mlx - want).max() <= 5e-6 * scale  # measured: at most 8e-7
 
 
 # --- What pissa refuses, one line each -------------------------------------------------------

@@ -231,14 +231,10 @@ def test_unsupported_gguf_type(tmp_path, qtype):
 
 
 def test_gguf_of_an_architecture_pissa_does_not_read(tmp_path):
-    # Gemma 1: transformers cannot load it from GGUF either. The message names it and what we read.
-    path = tmp_path / "gemma.gguf"
+    path = tmp_path / "gemma.gguf"  # Gemma 1: transformers cannot load it from GGUF either
     write_llama_gguf(path, tiny_llama_tensors(), arch="gemma")
-    with pytest.raises(PissaError) as e:
+    with pytest.raises(PissaError, match=r"architecture 'gemma'.*reads llama \(also Mistral\), qwen2, qwen3, gemma2"):
         GGUFSource(path)
-    msg = str(e.value)
-    assert "architecture 'gemma'" in msg and "llama (also Mistral), qwen2, qwen3, gemma2, gemma3, phi3" in msg
-    assert "\n" not in msg
 
 
 def test_gguf_with_tensors_llama_lacks(tmp_path):

@@ -66,7 +66,7 @@ class Arch:
     model_type: str                       # transformers' model_type
     hf_class: str                         # config.json "architectures"
     block: Mapping[str, str]              # "attn_q.weight" -> "self_attn.q_proj.weight" within model.layers.N
-    extra_config: Callable[[Meta, dict], dict]  # the fields beyond the ones every entry shares
+    extra_config: Callable[[Meta, dict], dict]  # fields beyond base_config's; may drop ones its class lacks
     top: Mapping[str, str] = field(default_factory=lambda: _TOP)
     permute_qk: bool = False
     norm_shift: float = 0.0

@@ -110,6 +110,22 @@ def test_unsupported_gguf_type(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_gguf_architecture_pissa_does_not_read(tmp_path):
+    import gguf
+
+    path = tmp_path / "falcon.gguf"
+    w = gguf.GGUFWriter(str(path), "falcon")  # transformers loads it; pissa does not
+    w.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    proc = run("init", str(path), "--out", str(tmp_path / "out"))
+    assert_clean_failure(proc, "architecture 'falcon', which pissa does not read; it reads llama (also Mistral), "
+                               "qwen2, qwen3, gemma2, gemma3, phi3")
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("keep", [0.5, 0.0001])
 def test_truncated_gguf(smollm2_path, tmp_path, keep):
     bad = _truncated(smollm2_path, tmp_path / "cut.gguf", keep)

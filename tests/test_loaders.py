@@ -230,10 +230,10 @@ def test_unsupported_gguf_type(tmp_path, qtype):
     assert "\n" not in msg
 
 
-def test_non_llama_gguf(tmp_path):
-    path = tmp_path / "qwen.gguf"
-    write_llama_gguf(path, tiny_llama_tensors(), arch="qwen2")
-    with pytest.raises(PissaError, match="architecture 'qwen2'.*llama"):
+def test_gguf_of_an_architecture_pissa_does_not_read(tmp_path):
+    path = tmp_path / "gemma.gguf"  # Gemma 1: transformers cannot load it from GGUF either
+    write_llama_gguf(path, tiny_llama_tensors(), arch="gemma")
+    with pytest.raises(PissaError, match=r"architecture 'gemma'.*reads llama \(also Mistral\), qwen2, qwen3, gemma2"):
         GGUFSource(path)
 
 

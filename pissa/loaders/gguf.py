@@ -1,32 +1,27 @@
-"""GGUF (llama.cpp) llama models: Hugging Face names and layout, dequantised to float32.
+"""GGUF (llama.cpp) models: Hugging Face names and layout, dequantised to float32.
 
-Two layout conversions happen here and nowhere else:
+The layout conversions happen here and nowhere else:
 - ggml lists dimensions fastest-first; reversed, they are Hugging Face's [out, in].
-- llama.cpp's converter permutes the rows of q_proj and k_proj (within each head, it interleaves
-  the two rotary halves, for its rope kernel). We undo it, as transformers does when it loads a
-  GGUF; without that, the model still runs but attention is silently wrong.
+- llama.cpp's llama converter permutes the rows of q_proj and k_proj (within each head, it
+  interleaves the two rotary halves, for its rope kernel). We undo it, as transformers does when it
+  loads a GGUF; without that, the model still runs but attention is silently wrong.
+- Gemma's converter stores every RMSNorm weight as w + 1; we subtract the 1 again.
+Which architecture needs which, and its names and config, is the table in gguf_archs.py.
 """
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import numpy as np
 
 from pissa.errors import PissaError
+from pissa.loaders.gguf_archs import ARCHS, Meta, build_config
+from pissa.loaders.gguf_archs import hf_name as arch_hf_name
 
 # The types the embedded SmolLM2 file uses (Q4_1, Q8_0, F32) and the common plain ones. Others
 # (K-quants, IQ types) would need their own dequantisation checks against transformers.
 SUPPORTED = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")
-
-_LAYER = {
-    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
-}
-_TOP = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
-_BLOCK = re.compile(r"blk\.(\d+)\.(\w+)\.weight")
 
 # Tokenizer metadata, under the names transformers' GGUF tokenizer builders read.
 _TOKENIZER_KEYS = {
@@ -39,13 +34,9 @@ _SPECIAL = {"bos_token": "bos_token_id", "eos_token": "eos_token_id", "unk_token
             "pad_token": "padding_token_id"}
 
 
-def hf_name(gguf_name: str) -> str | None:
-    """The Hugging Face llama name for a GGUF tensor name, or None if llama has no such tensor."""
-    m = _BLOCK.fullmatch(gguf_name)
-    if m and m.group(2) in _LAYER:
-        return f"model.layers.{m.group(1)}.{_LAYER[m.group(2)]}.weight"
-    stem = gguf_name.removesuffix(".weight")
-    return f"{_TOP[stem]}.weight" if gguf_name.endswith(".weight") and stem in _TOP else None
+def hf_name(gguf_name: str, arch: str = "llama") -> str | None:
+    """The Hugging Face name for a GGUF tensor name of `arch`, or None if that model has no such tensor."""
+    return arch_hf_name(ARCHS[arch], gguf_name)
 
 
 def unpermute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -57,16 +48,20 @@ def unpermute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, out // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def _readable() -> str:
+    return ", ".join(f"{name} (also Mistral)" if name == "llama" else name for name in ARCHS)
+
+
 class GGUFSource:
-    """A llama-architecture GGUF file, read through a memory map one tensor at a time.
+    """A GGUF file of an architecture in gguf_archs.ARCHS, read through a memory map one tensor at a time.
 
     Args:
         path: the .gguf file.
 
     Raises:
-        PissaError: when the file is truncated or corrupt, is not a llama model, holds a tensor of
-            a type outside SUPPORTED, or holds a tensor llama has no name for. All are checked
-            here, before any tensor is read.
+        PissaError: when the file is truncated or corrupt, is of an architecture pissa does not read,
+            holds a tensor of a type outside SUPPORTED or one its architecture has no name for, or
+            uses rope scaling. All are checked here, before any tensor is read.
     """
 
     def __init__(self, path: str | Path):
@@ -79,15 +74,17 @@ class GGUFSource:
             arch = self._value("general.architecture")
         except (OSError, ValueError, KeyError, IndexError, TypeError, MemoryError, OverflowError) as e:
             raise PissaError(f"{self.path} is truncated or corrupt ({e}); re-download it") from None
-        if arch != "llama":
-            raise PissaError(f"{self.path} is a GGUF of architecture {arch!r}; pissa reads llama GGUF files "
-                             "only, so use the model's Hugging Face folder instead")
+        if arch not in ARCHS:
+            raise PissaError(f"{self.path} is a GGUF of architecture {arch!r}, which pissa does not read; it reads "
+                             f"{_readable()}, so use the model's Hugging Face folder instead")
+        self.arch = arch
+        self._arch = ARCHS[arch]
         self._tensors = {}
         bad_type, unknown = [], []
         for t in self._reader.tensors:
             if t.tensor_type.name not in SUPPORTED:
                 bad_type.append(f"{t.name} ({t.tensor_type.name})")
-            name = hf_name(t.name)
+            name = arch_hf_name(self._arch, t.name)
             if name is None:
                 unknown.append(t.name)
             else:
@@ -97,61 +94,26 @@ class GGUFSource:
                              f"{_listing(bad_type)}; pissa reads {', '.join(SUPPORTED)}, so use a GGUF of "
                              "one of those types or the model's Hugging Face folder")
         if unknown:
-            raise PissaError(f"{self.path}: {len(unknown)} tensors have no Hugging Face llama name: "
-                             f"{_listing(unknown)}; pissa reads plain llama GGUF files only, so use the "
+            raise PissaError(f"{self.path}: {len(unknown)} tensors have no Hugging Face {arch} name: "
+                             f"{_listing(unknown)}; pissa reads plain {arch} GGUF files only, so use the "
                              "model's Hugging Face folder instead")
-        self._n_head = self._need("llama.attention.head_count")
-        self._n_kv = self._value("llama.attention.head_count_kv", self._n_head)
-        self.config = self._build_config()
+        meta = Meta(arch, self._value, self.shapes(), self.path)
+        self._n_head = meta.need("attention.head_count")
+        self._n_kv = meta.get("attention.head_count_kv", self._n_head)
+        scaling = meta.get("rope.scaling.type", "none")
+        if scaling != "none":
+            raise PissaError(f"{self.path} uses {scaling!r} rope scaling, which pissa does not convert; "
+                             "use the model's Hugging Face folder instead")
+        self.config = build_config(self._arch, meta)
+        for key in ("bos_token_id", "eos_token_id", "padding_token_id"):
+            if (token := self._value(f"tokenizer.ggml.{key}")) is not None:
+                self.config[key.replace("padding", "pad")] = token
         self.generation_config = {k: self.config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")
                                   if k in self.config}
 
     def _value(self, key: str, default=None):
         field = self._fields.get(key)
         return default if field is None else field.contents()
-
-    def _need(self, key: str):
-        value = self._value(key)
-        if value is None:
-            raise PissaError(f"{self.path} lacks the metadata key {key} that every llama GGUF has; "
-                             "re-download it or use the model's Hugging Face folder")
-        return value
-
-    def _build_config(self) -> dict:
-        shapes = self.shapes()
-        hidden = self._need("llama.embedding_length")
-        q = shapes.get("model.layers.0.self_attn.q_proj.weight", (hidden,))
-        scaling = self._value("llama.rope.scaling.type", "none")
-        if scaling != "none":
-            raise PissaError(f"{self.path} uses {scaling!r} rope scaling, which pissa does not convert; "
-                             "use the model's Hugging Face folder instead")
-        theta = float(self._value("llama.rope.freq_base", 10000.0))  # llama.cpp's default too
-        vocab = shapes["model.embed_tokens.weight"][0] if "model.embed_tokens.weight" in shapes else None
-        config = {
-            "architectures": ["LlamaForCausalLM"],
-            "model_type": "llama",
-            "hidden_size": hidden,
-            "intermediate_size": self._need("llama.feed_forward_length"),
-            "num_hidden_layers": self._need("llama.block_count"),
-            "num_attention_heads": self._n_head,
-            "num_key_value_heads": self._n_kv,
-            "head_dim": self._value("llama.attention.key_length", q[0] // self._n_head),
-            "max_position_embeddings": self._need("llama.context_length"),
-            "rms_norm_eps": float(self._need("llama.attention.layer_norm_rms_epsilon")),
-            # Both spellings: transformers 5 reads rope_parameters, mlx-lm only the top-level key.
-            "rope_theta": theta,
-            "rope_parameters": {"rope_type": "default", "rope_theta": theta},
-            "vocab_size": vocab or self._need("llama.vocab_size"),
-            "hidden_act": "silu",
-            "attention_bias": False,
-            "mlp_bias": False,
-            # llama.cpp writes output.weight only when it differs from the embedding.
-            "tie_word_embeddings": "lm_head.weight" not in shapes,
-        }
-        for key in ("bos_token_id", "eos_token_id", "padding_token_id"):
-            if (token := self._value(f"tokenizer.ggml.{key}")) is not None:
-                config[key.replace("padding", "pad")] = token
-        return config
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         return {name: tuple(int(d) for d in reversed(t.shape)) for name, t in self._tensors.items()}
@@ -162,10 +124,12 @@ class GGUFSource:
         t = self._tensors[name]
         shape = tuple(int(d) for d in reversed(t.shape))
         w = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(shape)
-        if name.endswith("self_attn.q_proj.weight"):
+        if self._arch.permute_qk and name.endswith("self_attn.q_proj.weight"):
             w = unpermute_rows(w, self._n_head)
-        elif name.endswith("self_attn.k_proj.weight"):
+        elif self._arch.permute_qk and name.endswith("self_attn.k_proj.weight"):
             w = unpermute_rows(w, self._n_kv)
+        elif self._arch.norm_shift and name.endswith("norm.weight"):
+            w = w - np.float32(self._arch.norm_shift)  # in float32, as transformers undoes it
         return np.array(w, dtype=np.float32)  # a writable copy, not a view of the file
 
     def save_tokenizer(self, out_dir: Path) -> list[str]:
@@ -201,7 +165,8 @@ class GGUFSource:
             token_id = self._value(f"tokenizer.ggml.{key}")
             kwargs[special] = tokenizer_dict["tokens"][token_id] if token_id is not None else None
         try:
-            backend, extra = convert_gguf_tokenizer("llama", tokenizer_dict)
+            # The architecture picks the builder: Gemma and Phi-3 sentencepiece vocabularies need their own.
+            backend, extra = convert_gguf_tokenizer(self.arch, tokenizer_dict)
         except ValueError as e:
             raise PissaError(f"{self.path}: {e}; pass the model's Hugging Face folder instead") from None
         tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, **kwargs, **extra)

@@ -19,11 +19,20 @@ class _Parser(argparse.ArgumentParser):
         raise PissaError(f"{message} (see: {self.prog} --help)")
 
 
-def _positive_int(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+def _int_at_least(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}")
+        return value
+    return parse
+
+
+_positive_int = _int_at_least(1)
+_non_negative_int = _int_at_least(0)  # counts where 0 means "none" or "off": --seed, --niter, --eval-every
 
 
 def _number(text: str) -> float:
@@ -47,10 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--targets", default="all-linear",
                    help="all-linear, module names (q_proj,v_proj) or a regex over module paths")
     q.add_argument("--init", default="pissa", help="pissa (full SVD), pissa-fast (randomised SVD) or lora")
-    q.add_argument("--niter", type=_positive_int, default=4, help="power iterations for pissa-fast (default 4)")
-    q.add_argument("--oversampling", type=_positive_int, default=8,
+    q.add_argument("--niter", type=_non_negative_int, default=4, help="power iterations for pissa-fast (default 4)")
+    q.add_argument("--oversampling", type=_non_negative_int, default=8,
                    help="extra sketch columns for pissa-fast (default 8)")
-    q.add_argument("--seed", type=_positive_int, default=0, help="seed of every random matrix (default 0)")
+    q.add_argument("--seed", type=_non_negative_int, default=0, help="seed of every random matrix (default 0)")
     q.add_argument("--backend", default="numpy", help="numpy, torch or mlx (default numpy)")
     q.add_argument("--device", default=None, help="the backend's device, e.g. cpu or cuda")
     q.add_argument("--compute-dtype", default="float64",
@@ -87,9 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--weight-decay", type=_number, default=0.0, help="AdamW weight decay (default 0)")
     t.add_argument("--max-grad-norm", type=_number, default=1.0, help="gradient clipping (default 1.0)")
     t.add_argument("--max-seq-len", type=_positive_int, default=256, help="tokens per sequence (default 256)")
-    t.add_argument("--seed", type=_positive_int, default=0, help="seed of the data order and dropout (default 0)")
-    t.add_argument("--eval-every", type=_positive_int, default=0, help="eval every N steps (default: at the end)")
-    t.add_argument("--save-every", type=_positive_int, default=0, help="checkpoint every N steps (default: at the end)")
+    t.add_argument("--seed", type=_non_negative_int, default=0, help="seed of the data order and dropout (default 0)")
+    t.add_argument("--eval-every", type=_non_negative_int, default=0, help="eval every N steps (default: at the end)")
+    t.add_argument("--save-every", type=_non_negative_int, default=0,
+                   help="checkpoint every N steps (default: at the end)")
     t.add_argument("--precision", default="auto", help="auto, fp32, bf16 or fp16 (auto: bf16 on CUDA, else fp32)")
     t.add_argument("--grad-checkpointing", action="store_true", help="recompute activations to save memory")
     t.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")

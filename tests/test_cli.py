@@ -12,7 +12,7 @@ import pytest
 
 from pissa.cli import build_parser, main
 from pissa.errors import PissaError
-from tests.conftest import write_tiny_llama
+from tests.conftest import BACKENDS, write_tiny_llama
 
 PISSA = str(Path(sys.executable).parent / "pissa")
 
@@ -134,6 +134,21 @@ def test_success_prints_progress_and_one_summary_line(tiny, tmp_path):
     assert "14/14" in proc.stderr  # the progress bar over the matrices
     line, = proc.stdout.strip().splitlines()
     assert "decomposed 14 matrices" in line and "trainable parameters" in line and "peak memory" in line
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "numpy"])
+@pytest.mark.parametrize("args, words", [
+    (["eval", "nonexist", "--data", "d.jsonl"], "model 'nonexist' not found"),
+    (["generate", "nonexist", "--prompt", "hi"], "model 'nonexist' not found"),
+    (["eval", "nonexist", "--data", "d.jsonl", "--adapter", "nonexist"], "model 'nonexist' not found"),
+    (["generate", "empty", "--prompt", "hi"], "empty is not a model folder (no config.json)"),
+])
+def test_eval_and_generate_without_a_model_are_one_line(args, words, backend, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "empty").mkdir()
+    assert main([*args, "--backend", backend]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("pissa: error: ") and words in err, err
 
 
 # Integer options where 0 means "none" or "off"; every other integer option must be >= 1.

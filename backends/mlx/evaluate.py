@@ -15,6 +15,7 @@ import mlx.core as mx
 from mlx import nn
 from pissa.data import eval_split, pad_id
 from pissa.evaluate import exact_match
+from pissa.loaders import model_folder
 
 
 def stop_ids(model_dir: Path, tokenizer) -> set[int]:
@@ -83,8 +84,8 @@ def answer(model_dir: str | Path, prompt: str, *, adapter: str | Path | None = N
     """One greedy answer to a user message (formatted with the chat template when there is one)."""
     from transformers import AutoTokenizer
 
+    model_dir = model_folder(model_dir)  # PissaError, not a traceback, for a missing model
     pick_device(device)
-    model_dir = Path(model_dir)
     model = load_for_inference(model_dir, adapter)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     if getattr(tokenizer, "chat_template", None):
@@ -106,8 +107,8 @@ def evaluate(model_dir: str | Path, data: str | Path, *, adapter: str | Path | N
     """
     from transformers import AutoTokenizer
 
+    model_dir = model_folder(model_dir)
     pick_device(device)
-    model_dir = Path(model_dir)
     model = load_for_inference(model_dir, adapter)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     pairs, dataset = eval_split(data, tokenizer, max_seq_len, limit)

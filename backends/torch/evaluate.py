@@ -10,6 +10,7 @@ from tqdm.auto import tqdm
 
 from pissa.data import eval_split, pad_id
 from pissa.evaluate import exact_match
+from pissa.loaders import model_folder
 from pissa_torch.api import load
 from pissa_torch.quantized import load_base
 from pissa_torch.train import autocast_for, eval_loss, pick_device
@@ -40,8 +41,9 @@ def answer(model_dir: str | Path, prompt: str, *, adapter: str | Path | None = N
     """One greedy answer to a user message (formatted with the chat template when there is one)."""
     from transformers import AutoTokenizer
 
+    model_dir = model_folder(model_dir)  # PissaError, not a traceback, for a missing model
     dev = pick_device(device)
-    model = load_for_inference(Path(model_dir), adapter, dev)
+    model = load_for_inference(model_dir, adapter, dev)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     if getattr(tokenizer, "chat_template", None):
         prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
@@ -59,8 +61,8 @@ def evaluate(model_dir: str | Path, data: str | Path, *, adapter: str | Path | N
     """
     from transformers import AutoTokenizer
 
+    model_dir = model_folder(model_dir)
     dev = pick_device(device)
-    model_dir = Path(model_dir)
     model = load_for_inference(model_dir, adapter, dev)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     pairs, dataset = eval_split(data, tokenizer, max_seq_len, limit)

@@ -34,12 +34,13 @@ class ModelSource(Protocol):
         """Write tokenizer files that AutoTokenizer.from_pretrained(out_dir) loads. Returns the names."""
 
 
-def resolve(model: str) -> Path:
+def resolve(model: str | Path) -> Path:
     """The path behind a model argument: an embedded name, a .gguf file or a model folder.
 
     Raises:
         PissaError: when it names nothing on disk, or the embedded package is not installed.
     """
+    model = str(model)
     if model in EMBEDDED:
         import importlib.util
 
@@ -56,6 +57,21 @@ def resolve(model: str) -> Path:
     if not path.exists():
         names = ", ".join(EMBEDDED)
         raise PissaError(f"model {model!r} not found; pass a model folder, a .gguf file, or one of: {names}")
+    return path
+
+
+def model_folder(model: str | Path) -> Path:
+    """resolve(), for commands that hand the folder to transformers or mlx-lm (eval, generate):
+    the result must be a model folder with config.json.
+
+    Raises:
+        PissaError: as resolve(), or when the path is a file or a folder without config.json.
+    """
+    path = resolve(model)
+    if not (path / "config.json").is_file():
+        hint = "; run pissa init on it first" if path.suffix.lower() == ".gguf" else ""
+        raise PissaError(f"{model} is not a model folder (no config.json); pass a Hugging Face model folder "
+                         f"or a folder written by pissa init{hint}")
     return path
 
 

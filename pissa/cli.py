@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("init", help="decompose a model into a residual model and a PiSSA adapter",
                        description="Write the residual model to OUT and the initial adapter to OUT/pissa_init.")
-    q.add_argument("model", help="model folder, .gguf file, or an embedded name (smollm2-135m)")
+    q.add_argument("model", help="model folder, .gguf file, Hub id (org/name), or an embedded name (smollm2-135m)")
     q.add_argument("--out", required=True, help="output folder")
     q.add_argument("--rank", type=_positive_int, default=16, help="adapter rank r (default 16)")
     q.add_argument("--alpha", type=_number, default=None, help="LoRA alpha (default: the rank)")
@@ -139,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _inference_args(q: argparse.ArgumentParser) -> None:
-    q.add_argument("model_dir", help="a model folder (a pissa init folder uses its pissa_init adapter)")
+    q.add_argument("model_dir", help="a model folder or Hub id (a pissa init folder uses its pissa_init adapter)")
     q.add_argument("--adapter", default=None, help="adapter to apply (default: MODEL_DIR/pissa_init if present)")
     q.add_argument("--backend", default="auto", help="torch or mlx (default: mlx on Apple silicon, else torch)")
     q.add_argument("--device", default=None, help="torch device (default: cuda when available)")
@@ -186,9 +186,11 @@ def _training_backend(name: str) -> str:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from pissa.loaders import init_folder
     from pissa.training import TrainConfig
 
     backend = _training_backend(args.backend)
+    model_dir = init_folder(args.model_dir)  # a Hub id only when its model holds pissa_init/
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
                       warmup_ratio=args.warmup_ratio, weight_decay=args.weight_decay,
                       max_grad_norm=args.max_grad_norm, max_seq_len=args.max_seq_len, seed=args.seed,
@@ -198,7 +200,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     kwargs = {"device": args.device}
     if backend == "mlx" and args.device not in (None, "gpu", "cpu"):
         raise PissaError(f"--device {args.device} is not an MLX device; use gpu or cpu")
-    s = train(args.model_dir, args.data, args.out, cfg, eval_data=args.eval_data, adapter=args.adapter,
+    s = train(model_dir, args.data, args.out, cfg, eval_data=args.eval_data, adapter=args.adapter,
               resume=args.resume, force=args.force, progress=not args.no_progress, **kwargs)
     ev = f", eval loss {s['eval_loss']:.4f}" if s["eval_loss"] is not None else ""
     print(f"pissa train: {s['steps']} steps, loss {s['loss']:.4f}{ev}, {s['tokens_per_s']:,.0f} tokens/s, "

@@ -41,7 +41,7 @@ def answer(model_dir: str | Path, prompt: str, *, adapter: str | Path | None = N
     """One greedy answer to a user message (formatted with the chat template when there is one)."""
     from transformers import AutoTokenizer
 
-    model_dir = model_folder(model_dir)  # PissaError, not a traceback, for a missing model
+    model_dir = model_folder(model_dir)  # a local folder or a Hub id; PissaError for anything else
     dev = pick_device(device)
     model = load_for_inference(model_dir, adapter, dev)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -56,8 +56,8 @@ def evaluate(model_dir: str | Path, data: str | Path, *, adapter: str | Path | N
              max_seq_len: int = 512, limit: int | None = None, progress: bool = True) -> dict:
     """Loss on the completions and exact-match accuracy of greedy answers.
 
-    model_dir with adapter=None uses MODEL_DIR/pissa_init when it exists (a pissa init folder),
-    else the plain model.
+    model_dir (a folder or a Hugging Face Hub id, see pissa.loaders.model_folder) with
+    adapter=None uses MODEL_DIR/pissa_init when it exists (a pissa init folder), else the plain model.
     """
     from transformers import AutoTokenizer
 

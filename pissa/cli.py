@@ -19,11 +19,20 @@ class _Parser(argparse.ArgumentParser):
         raise PissaError(f"{message} (see: {self.prog} --help)")
 
 
-def _positive_int(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+def _int_at_least(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}")
+        return value
+    return parse
+
+
+_positive_int = _int_at_least(1)
+_non_negative_int = _int_at_least(0)  # counts where 0 means "none" or "off": --seed, --niter, --eval-every
 
 
 def _number(text: str) -> float:
@@ -40,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("init", help="decompose a model into a residual model and a PiSSA adapter (or start MoRA)",
                        description="Write the residual model to OUT and the initial adapter to OUT/pissa_init "
                                    "(MoRA: the unchanged model to OUT, M = 0 to OUT/pissa_init).")
-    q.add_argument("model", help="model folder, .gguf file, or an embedded name (smollm2-135m)")
+    q.add_argument("model", help="model folder, .gguf file, Hub id (org/name), or an embedded name (smollm2-135m)")
     q.add_argument("--out", required=True, help="output folder")
     q.add_argument("--rank", type=_positive_int, default=16, help="adapter rank r (default 16)")
     q.add_argument("--alpha", type=_number, default=None, help="LoRA alpha (default: the rank)")
@@ -51,10 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pissa (full SVD), pissa-fast (randomised SVD), lora, or mora (MoRA's square M)")
     q.add_argument("--mora-type", default="sharing",
                    help="with --init mora: sharing (the paper's type 1; converts to a LoRA) or rotation (type 6)")
-    q.add_argument("--niter", type=_positive_int, default=4, help="power iterations for pissa-fast (default 4)")
-    q.add_argument("--oversampling", type=_positive_int, default=8,
+    q.add_argument("--niter", type=_non_negative_int, default=4, help="power iterations for pissa-fast (default 4)")
+    q.add_argument("--oversampling", type=_non_negative_int, default=8,
                    help="extra sketch columns for pissa-fast (default 8)")
-    q.add_argument("--seed", type=_positive_int, default=0, help="seed of every random matrix (default 0)")
+    q.add_argument("--seed", type=_non_negative_int, default=0, help="seed of every random matrix (default 0)")
     q.add_argument("--backend", default="numpy", help="numpy, torch or mlx (default numpy)")
     q.add_argument("--device", default=None, help="the backend's device, e.g. cpu or cuda")
     q.add_argument("--compute-dtype", default="float64",
@@ -91,9 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--weight-decay", type=_number, default=0.0, help="AdamW weight decay (default 0)")
     t.add_argument("--max-grad-norm", type=_number, default=1.0, help="gradient clipping (default 1.0)")
     t.add_argument("--max-seq-len", type=_positive_int, default=256, help="tokens per sequence (default 256)")
-    t.add_argument("--seed", type=_positive_int, default=0, help="seed of the data order and dropout (default 0)")
-    t.add_argument("--eval-every", type=_positive_int, default=0, help="eval every N steps (default: at the end)")
-    t.add_argument("--save-every", type=_positive_int, default=0, help="checkpoint every N steps (default: at the end)")
+    t.add_argument("--seed", type=_non_negative_int, default=0, help="seed of the data order and dropout (default 0)")
+    t.add_argument("--eval-every", type=_non_negative_int, default=0, help="eval every N steps (default: at the end)")
+    t.add_argument("--save-every", type=_non_negative_int, default=0,
+                   help="checkpoint every N steps (default: at the end)")
     t.add_argument("--precision", default="auto", help="auto, fp32, bf16 or fp16 (auto: bf16 on CUDA, else fp32)")
     t.add_argument("--grad-checkpointing", action="store_true", help="recompute activations to save memory")
     t.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
@@ -135,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _inference_args(q: argparse.ArgumentParser) -> None:
-    q.add_argument("model_dir", help="a model folder (a pissa init folder uses its pissa_init adapter)")
+    q.add_argument("model_dir", help="a model folder or Hub id (a pissa init folder uses its pissa_init adapter)")
     q.add_argument("--adapter", default=None, help="adapter to apply (default: MODEL_DIR/pissa_init if present)")
     q.add_argument("--backend", default="auto", help="torch or mlx (default: mlx on Apple silicon, else torch)")
     q.add_argument("--device", default=None, help="torch device (default: cuda when available)")
@@ -184,9 +194,11 @@ def _training_backend(name: str) -> str:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from pissa.loaders import init_folder
     from pissa.training import TrainConfig
 
     backend = _training_backend(args.backend)
+    model_dir = init_folder(args.model_dir)  # a Hub id only when its model holds pissa_init/
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
                       warmup_ratio=args.warmup_ratio, weight_decay=args.weight_decay,
                       max_grad_norm=args.max_grad_norm, max_seq_len=args.max_seq_len, seed=args.seed,
@@ -196,7 +208,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     kwargs = {"device": args.device}
     if backend == "mlx" and args.device not in (None, "gpu", "cpu"):
         raise PissaError(f"--device {args.device} is not an MLX device; use gpu or cpu")
-    s = train(args.model_dir, args.data, args.out, cfg, eval_data=args.eval_data, adapter=args.adapter,
+    s = train(model_dir, args.data, args.out, cfg, eval_data=args.eval_data, adapter=args.adapter,
               resume=args.resume, force=args.force, progress=not args.no_progress, **kwargs)
     ev = f", eval loss {s['eval_loss']:.4f}" if s["eval_loss"] is not None else ""
     print(f"pissa train: {s['steps']} steps, loss {s['loss']:.4f}{ev}, {s['tokens_per_s']:,.0f} tokens/s, "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
 from pathlib import Path
@@ -9,7 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import write_tiny_llama
+from pissa.cli import build_parser, main
+from pissa.errors import PissaError
+from tests.conftest import BACKENDS, write_tiny_llama
 
 PISSA = str(Path(sys.executable).parent / "pissa")
 
@@ -57,8 +60,8 @@ BAD = {
     "folder that is not a model": (lambda t, d: [str(d)], "is not a model folder"),
     "file that is not a model": (lambda t, d: [str(_text(d))], "is not a model"),
     "truncated safetensors": (lambda t, d: [str(_truncated_folder(t, d))], "truncated or corrupt"),
-    "rank zero": (lambda t, d: [str(t), "--rank", "0"], "rank must be >= 1"),
-    "rank negative": (lambda t, d: [str(t), "--rank=-4"], "rank must be >= 1"),
+    "rank zero": (lambda t, d: [str(t), "--rank", "0"], "argument --rank: expected an integer >= 1, got '0'"),
+    "rank negative": (lambda t, d: [str(t), "--rank=-4"], "argument --rank: expected an integer >= 1, got '-4'"),
     "rank too large": (lambda t, d: [str(t), "--rank", "40"], "rank 40 exceeds min(out, in)"),
     "alpha zero": (lambda t, d: [str(t), "--alpha", "0"], "alpha must be > 0"),
     "alpha negative": (lambda t, d: [str(t), "--alpha=-1"], "alpha must be > 0"),
@@ -147,3 +150,62 @@ def test_success_prints_progress_and_one_summary_line(tiny, tmp_path):
     assert "14/14" in proc.stderr  # the progress bar over the matrices
     line, = proc.stdout.strip().splitlines()
     assert "decomposed 14 matrices" in line and "trainable parameters" in line and "peak memory" in line
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "numpy"])
+@pytest.mark.parametrize("args, words", [
+    (["eval", "nonexist", "--data", "d.jsonl"], "model 'nonexist' not found"),
+    (["generate", "nonexist", "--prompt", "hi"], "model 'nonexist' not found"),
+    (["eval", "nonexist", "--data", "d.jsonl", "--adapter", "nonexist"], "model 'nonexist' not found"),
+    (["generate", "empty", "--prompt", "hi"], "empty is not a model folder (no config.json)"),
+])
+def test_eval_and_generate_without_a_model_are_one_line(args, words, backend, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "empty").mkdir()
+    assert main([*args, "--backend", backend]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("pissa: error: ") and words in err, err
+
+
+# Integer options where 0 means "none" or "off"; every other integer option must be >= 1.
+NON_NEGATIVE = {("init", "--niter"), ("init", "--oversampling"), ("init", "--seed"),
+                ("train", "--seed"), ("train", "--eval-every"), ("train", "--save-every")}
+REQUIRED = {"init": ["m", "--out", "o"], "train": ["m", "--data", "d", "--out", "o"], "eval": ["m", "--data", "d"],
+            "generate": ["m", "--prompt", "p"], "merge": ["m", "--adapter", "a", "--out", "o"],
+            "convert": ["--initial", "i", "--trained", "t", "--out", "o"]}
+
+
+def _options() -> list[tuple[str, argparse.Action]]:
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return [(command, action) for command, parser in sub.choices.items() for action in parser._actions]
+
+
+def _integer_options() -> list[tuple[str, str]]:
+    from pissa import cli
+
+    return sorted((command, action.option_strings[0]) for command, action in _options()
+                  if action.type in (cli._positive_int, cli._non_negative_int))
+
+
+def test_every_integer_option_is_checked():
+    assert not [(c, a.dest) for c, a in _options() if a.type is int]  # a new one must pick >= 1 or >= 0
+    found = _integer_options()
+    assert set(NON_NEGATIVE) <= set(found) and ("eval", "--limit") in found and ("init", "--rank") in found
+
+
+@pytest.mark.parametrize("command, option", _integer_options())
+def test_integer_options_refuse_what_they_cannot_mean(command, option):
+    parse = build_parser().parse_args
+    smallest = 0 if (command, option) in NON_NEGATIVE else 1
+    assert getattr(parse([command, *REQUIRED[command], option, str(smallest)]), option[2:].replace("-", "_")) == smallest
+    with pytest.raises(PissaError, match=f"argument {option}: expected an integer >= {smallest}, got '{smallest - 1}'"):
+        parse([command, *REQUIRED[command], option, str(smallest - 1)])
+    with pytest.raises(PissaError, match=f"argument {option}: expected an integer, got 'two'"):
+        parse([command, *REQUIRED[command], option, "two"])
+
+
+def test_a_negative_limit_is_one_line(capsys):
+    # It used to pass, and eval silently dropped the last record (records[:-1]).
+    assert main(["eval", "m", "--data", "d.jsonl", "--limit", "-1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "pissa: error: argument --limit: expected an integer >= 1, got '-1' (see: pissa eval --help)"

@@ -10,6 +10,7 @@ from tqdm.auto import tqdm
 
 from pissa.data import eval_split, pad_id
 from pissa.evaluate import exact_match
+from pissa.loaders import model_folder
 from pissa_torch.api import load
 from pissa_torch.quantized import load_base
 from pissa_torch.train import autocast_for, eval_loss, pick_device
@@ -40,8 +41,9 @@ def answer(model_dir: str | Path, prompt: str, *, adapter: str | Path | None = N
     """One greedy answer to a user message (formatted with the chat template when there is one)."""
     from transformers import AutoTokenizer
 
+    model_dir = model_folder(model_dir)  # a local folder or a Hub id; PissaError for anything else
     dev = pick_device(device)
-    model = load_for_inference(Path(model_dir), adapter, dev)
+    model = load_for_inference(model_dir, adapter, dev)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     if getattr(tokenizer, "chat_template", None):
         prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
@@ -54,13 +56,13 @@ def evaluate(model_dir: str | Path, data: str | Path, *, adapter: str | Path | N
              max_seq_len: int = 512, limit: int | None = None, progress: bool = True) -> dict:
     """Loss on the completions and exact-match accuracy of greedy answers.
 
-    model_dir with adapter=None uses MODEL_DIR/pissa_init when it exists (a pissa init folder),
-    else the plain model.
+    model_dir (a folder or a Hugging Face Hub id, see pissa.loaders.model_folder) with
+    adapter=None uses MODEL_DIR/pissa_init when it exists (a pissa init folder), else the plain model.
     """
     from transformers import AutoTokenizer
 
+    model_dir = model_folder(model_dir)
     dev = pick_device(device)
-    model_dir = Path(model_dir)
     model = load_for_inference(model_dir, adapter, dev)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     pairs, dataset = eval_split(data, tokenizer, max_seq_len, limit)

@@ -34,12 +34,17 @@ class ModelSource(Protocol):
         """Write tokenizer files that AutoTokenizer.from_pretrained(out_dir) loads. Returns the names."""
 
 
-def resolve(model: str) -> Path:
-    """The path behind a model argument: an embedded name, a .gguf file or a model folder.
+def resolve(model: str | Path) -> Path:
+    """The path behind a model argument: an embedded name, a .gguf file, a model folder, or a
+    Hugging Face Hub id ("org/name": the cached snapshot, else downloaded into the cache; see
+    pissa.loaders.hub). Embedded names and local paths come first: a folder ./org/name wins over
+    the Hub model org/name.
 
     Raises:
-        PissaError: when it names nothing on disk, or the embedded package is not installed.
+        PissaError: when it names nothing on disk and is no Hub id, the embedded package is not
+            installed, or a Hub id cannot be had (offline and not cached, unknown, gated, ...).
     """
+    model = str(model)
     if model in EMBEDDED:
         import importlib.util
 
@@ -53,10 +58,54 @@ def resolve(model: str) -> Path:
                              f"{package.replace('_', '-')}")
         return path
     path = Path(model).expanduser()
-    if not path.exists():
-        names = ", ".join(EMBEDDED)
-        raise PissaError(f"model {model!r} not found; pass a model folder, a .gguf file, or one of: {names}")
+    if path.exists():
+        return path
+    from pissa.loaders import hub
+
+    if hub.looks_like_id(model):
+        return hub.snapshot(model)
+    names = ", ".join(EMBEDDED)
+    raise PissaError(f"model {model!r} not found; pass a model folder, a .gguf file, a Hugging Face Hub id "
+                     f"(org/name), or one of: {names}")
+
+
+def model_folder(model: str | Path) -> Path:
+    """resolve(), for commands that hand the folder to transformers or mlx-lm (eval, generate):
+    the result must be a model folder with config.json.
+
+    Raises:
+        PissaError: as resolve(), or when the path is a file or a folder without config.json.
+    """
+    path = resolve(model)
+    if not (path / "config.json").is_file():
+        hint = "; run pissa init on it first" if path.suffix.lower() == ".gguf" else ""
+        raise PissaError(f"{model} is not a model folder (no config.json); pass a Hugging Face model folder or "
+                         f"Hub id, or a folder written by pissa init{hint}")
     return path
+
+
+def init_folder(model_dir: str | Path) -> Path:
+    """The folder behind `pissa train MODEL_DIR`, which must be a pissa init folder: a local path
+    as given (pissa.training checks it), or a Hugging Face Hub id whose model holds pissa_init/
+    (the layout of the official PiSSA models), from the cache or downloaded. A plain model is
+    never downloaded here: it needs pissa init first.
+
+    Raises:
+        PissaError: a Hub id whose model has no pissa_init/ (or that is not cached, offline),
+            naming the pissa init command to run.
+    """
+    from pissa.loaders import hub
+
+    model_dir, path = str(model_dir), Path(model_dir).expanduser()
+    if path.exists() or not hub.looks_like_id(model_dir):
+        return path
+    found = hub.cached(model_dir, require="pissa_init")
+    if found is None and hub.has_file(model_dir, "pissa_init/adapter_config.json"):
+        found = hub.snapshot(model_dir, require="pissa_init")
+    if found is None:
+        raise PissaError(f"{model_dir} is a Hugging Face Hub id, not a folder written by pissa init; run "
+                         f"pissa init {model_dir} --out DIR first, then pissa train DIR")
+    return found
 
 
 def open_model(model: str) -> ModelSource:

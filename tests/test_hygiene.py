@@ -24,6 +24,7 @@ def test_importing_the_core_imports_no_framework():
         import sys
         import pissa, pissa.cli, pissa.init, pissa.decompose, pissa.ops, pissa.spec
         import pissa.loaders.hf, pissa.loaders.gguf, pissa.formats.peft, pissa.formats.hf
+        import pissa.kinds.lora, pissa.kinds.mora, pissa.loop, pissa.merge, pissa.convert
         bad = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "mlx", "mlx_lm"))
         print(bad)
     """)
@@ -57,3 +58,15 @@ def test_asking_for_a_missing_backend_says_how_to_install_it(tmp_path):
     assert out.returncode == 2
     assert "pip install 'pissa[torch]'" in out.stderr and "Traceback" not in out.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_every_package_is_listed_for_installation():
+    """pyproject.toml lists packages by name: a new subpackage missing there works in the editable
+    checkout and is absent from a real install."""
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    listed = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(root).parts) for p in (root / "pissa").rglob("__init__.py")}
+    assert found <= listed, sorted(found - listed)

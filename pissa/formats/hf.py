@@ -15,7 +15,7 @@ from typing import Iterator, Mapping, Sequence
 import numpy as np
 
 from pissa.errors import PissaError
-from pissa.formats.safetensors import StreamWriter
+from pissa.formats.safetensors import PlacedFile, StreamWriter
 
 DEFAULT_SHARD_BYTES = 2 * 1024**3
 
@@ -40,6 +40,35 @@ def model_config(config: Mapping, dtype: str) -> dict:
     return cfg
 
 
+Plan = Sequence[tuple[str, np.dtype, tuple[int, ...]]]
+
+
+def shard_layout(plan: Plan, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> list[tuple[str, list]]:
+    """(file name, its part of the plan) for each shard: tensors in plan order, a new shard when
+    the next tensor would pass max_shard_bytes (a tensor larger than it gets a shard of its own)."""
+    shards: list[list[tuple[str, np.dtype, tuple[int, ...]]]] = [[]]
+    size = 0
+    for item in plan:
+        nbytes = int(np.prod(item[2], dtype=np.int64)) * np.dtype(item[1]).itemsize
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(item)
+        size += nbytes
+    n = len(shards)
+    files = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    return list(zip(files, shards))
+
+
+def write_index(folder: Path, layout: list[tuple[str, list]]) -> None:
+    """model.safetensors.index.json, when the model has more than one shard."""
+    if len(layout) > 1:
+        total = sum(int(np.prod(s, dtype=np.int64)) * np.dtype(d).itemsize for _, shard in layout for _, d, s in shard)
+        index = {"metadata": {"total_size": total},
+                 "weight_map": {name: f for f, shard in layout for name, _, _ in shard}}
+        (Path(folder) / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
 class ModelWriter:
     """Streams a model's tensors into safetensors shards of at most max_shard_bytes each.
 
@@ -49,45 +78,54 @@ class ModelWriter:
         max_shard_bytes: shard size limit (a tensor larger than it gets a shard of its own).
     """
 
-    def __init__(self, folder: Path, plan: Sequence[tuple[str, np.dtype, tuple[int, ...]]],
-                 max_shard_bytes: int = DEFAULT_SHARD_BYTES):
+    def __init__(self, folder: Path, plan: Plan, max_shard_bytes: int = DEFAULT_SHARD_BYTES):
         self.folder = Path(folder)
-        shards: list[list[tuple[str, np.dtype, tuple[int, ...]]]] = [[]]
-        size = 0
-        for item in plan:
-            nbytes = int(np.prod(item[2], dtype=np.int64)) * np.dtype(item[1]).itemsize
-            if shards[-1] and size + nbytes > max_shard_bytes:
-                shards.append([])
-                size = 0
-            shards[-1].append(item)
-            size += nbytes
-        n = len(shards)
-        self._files = ["model.safetensors"] if n == 1 else [
-            f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-        self._shards = shards
-        self._total = sum(int(np.prod(s, dtype=np.int64)) * np.dtype(d).itemsize for _, d, s in plan)
+        self._layout = shard_layout(plan, max_shard_bytes)
         self._index = 0
-        self._left = len(shards[0])
-        self._writer = StreamWriter(self.folder / self._files[0], shards[0], {"format": "pt"})
+        self._left = len(self._layout[0][1])
+        self._writer = StreamWriter(self.folder / self._layout[0][0], self._layout[0][1], {"format": "pt"})
 
     def write(self, name: str, array: np.ndarray) -> None:
         if self._left == 0:
             self._writer.close()
             self._index += 1
-            self._left = len(self._shards[self._index])
-            self._writer = StreamWriter(self.folder / self._files[self._index],
-                                        self._shards[self._index], {"format": "pt"})
+            file, shard = self._layout[self._index]
+            self._left = len(shard)
+            self._writer = StreamWriter(self.folder / file, shard, {"format": "pt"})
         self._writer.write(name, array)
         self._left -= 1
 
     def close(self) -> None:
         self._writer.close()
-        if self._index != len(self._shards) - 1:
+        if self._index != len(self._layout) - 1:
             raise RuntimeError("ModelWriter closed before every shard was written")
-        if len(self._files) > 1:
-            index = {"metadata": {"total_size": self._total},
-                     "weight_map": {name: f for f, shard in zip(self._files, self._shards) for name, _, _ in shard}}
-            (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        write_index(self.folder, self._layout)
+
+
+class PlacedModelWriter:
+    """ModelWriter's files (same shards, same bytes), written in any order and by several
+    processes at once: rank 0 calls create() and, once every rank has written its tensors,
+    finish(); each rank writes through its own PlacedModelWriter."""
+
+    def __init__(self, folder: Path, layout: list[tuple[str, list]]):
+        self._files = {file: PlacedFile(Path(folder) / file, shard, {"format": "pt"}) for file, shard in layout}
+        self._file_of = {name: self._files[file] for file, shard in layout for name, _, _ in shard}
+
+    @staticmethod
+    def create(folder: Path, layout: list[tuple[str, list]]) -> None:
+        for file, shard in layout:
+            PlacedFile.create(Path(folder) / file, shard, {"format": "pt"})
+
+    def write(self, name: str, array: np.ndarray) -> None:
+        self._file_of[name].write(name, array)
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()
+
+    @staticmethod
+    def finish(folder: Path, layout: list[tuple[str, list]]) -> None:
+        write_index(folder, layout)
 
 
 def write_json(path: Path, obj: object) -> None:
@@ -106,6 +144,25 @@ def check_out_dir(out: Path, force: bool) -> None:
         raise PissaError(f"--out {out} is not empty; choose another folder or pass --force to replace it")
 
 
+def temp_dir(out: Path, pid: int | None = None) -> Path:
+    """The hidden temporary folder next to `out` that the process `pid` (default: this one)
+    builds it in."""
+    out = Path(out).absolute()
+    return out.parent / f".{out.name}.tmp-{pid or os.getpid()}"
+
+
+def publish(tmp: Path, out: Path) -> None:
+    """Rename a finished temporary folder to `out`, replacing an `out` that exists."""
+    out = Path(out).absolute()
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(out)
+
+
 @contextmanager
 def atomic_dir(out: Path, force: bool = False) -> Iterator[Path]:
     """Yield a temporary folder next to `out`; on success it replaces `out` in one rename.
@@ -115,18 +172,12 @@ def atomic_dir(out: Path, force: bool = False) -> Iterator[Path]:
     out = Path(out).absolute()
     check_out_dir(out, force)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    tmp = temp_dir(out)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
         yield tmp
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
+        publish(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -12,6 +12,7 @@ optional "__metadata__" of str -> str, then the raw little-endian data.
 from __future__ import annotations
 
 import json
+import os
 import struct
 from pathlib import Path
 from typing import Iterable, Mapping
@@ -91,6 +92,34 @@ class SafetensorsFile:
         return raw.view(DTYPES[info["dtype"]]).reshape(info["shape"])
 
 
+def layout(plan: Iterable[tuple[str, np.dtype, tuple[int, ...]]], metadata: Mapping[str, str] | None = None
+           ) -> tuple[bytes, list[tuple[str, np.dtype, tuple[int, ...], int]]]:
+    """A file's header bytes (length prefix included) and each tensor's (name, dtype, shape,
+    absolute byte offset), for tensors stored in plan order. StreamWriter and PlacedFile both
+    use it, so the same plan gives the same bytes whoever writes them and in whatever order."""
+    header: dict[str, object] = {}
+    if metadata:
+        header["__metadata__"] = dict(metadata)
+    offset = 0
+    entries = []
+    for name, dtype, shape in plan:
+        dtype = np.dtype(dtype)
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        header[name] = {"dtype": CODES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        entries.append((name, dtype, tuple(shape), offset))
+        offset += nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # keep the data 8-byte aligned, as the reference writer does
+    head = struct.pack("<Q", len(blob)) + blob
+    return head, [(n, d, shp, len(head) + o) for n, d, shp, o in entries]
+
+
+def _check(want: tuple[str, np.dtype, tuple[int, ...]], name: str, array: np.ndarray) -> None:
+    want_name, dtype, shape = want
+    if name != want_name or array.dtype != dtype or tuple(array.shape) != shape:
+        raise RuntimeError(f"writer expected {want_name} {dtype} {shape}, got {name} {array.dtype} {array.shape}")
+
+
 class StreamWriter:
     """Writes one safetensors file whose tensors are declared up front and written in order.
 
@@ -103,27 +132,14 @@ class StreamWriter:
     def __init__(self, path: str | Path, plan: Iterable[tuple[str, np.dtype, tuple[int, ...]]],
                  metadata: Mapping[str, str] | None = None):
         self.path = Path(path)
-        header: dict[str, object] = {}
-        if metadata:
-            header["__metadata__"] = dict(metadata)
-        offset = 0
-        self._order: list[tuple[str, np.dtype, tuple[int, ...]]] = []
-        for name, dtype, shape in plan:
-            dtype = np.dtype(dtype)
-            nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-            header[name] = {"dtype": CODES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-            offset += nbytes
-            self._order.append((name, dtype, tuple(shape)))
-        blob = json.dumps(header, separators=(",", ":")).encode()
-        blob += b" " * (-len(blob) % 8)  # keep the data 8-byte aligned, as the reference writer does
+        head, entries = layout(plan, metadata)
+        self._order = [(n, d, shp) for n, d, shp, _ in entries]
         self._f = open(self.path, "wb")
-        self._f.write(struct.pack("<Q", len(blob)) + blob)
+        self._f.write(head)
         self._next = 0
 
     def write(self, name: str, array: np.ndarray) -> None:
-        want_name, dtype, shape = self._order[self._next]
-        if name != want_name or array.dtype != dtype or tuple(array.shape) != shape:
-            raise RuntimeError(f"writer expected {want_name} {dtype} {shape}, got {name} {array.dtype} {array.shape}")
+        _check(self._order[self._next], name, array)
         self._f.write(np.ascontiguousarray(array).tobytes())
         self._next += 1
 
@@ -132,6 +148,39 @@ class StreamWriter:
         self._f.close()
         if missing:
             raise RuntimeError(f"{self.path}: {len(missing)} declared tensors were never written, e.g. {missing[0]}")
+
+
+class PlacedFile:
+    """A safetensors file whose tensors are written in any order, each at its place, by any
+    number of processes at once (pissa init across ranks). create() writes the header and sizes
+    the file once; the result is byte for byte the file StreamWriter writes from the same plan."""
+
+    def __init__(self, path: str | Path, plan: Iterable[tuple[str, np.dtype, tuple[int, ...]]],
+                 metadata: Mapping[str, str] | None = None):
+        self.path = Path(path)
+        _, entries = layout(plan, metadata)
+        self._where = {n: ((n, d, shp), offset) for n, d, shp, offset in entries}
+        self._fd = os.open(self.path, os.O_WRONLY)
+
+    @staticmethod
+    def create(path: str | Path, plan: Iterable[tuple[str, np.dtype, tuple[int, ...]]],
+               metadata: Mapping[str, str] | None = None) -> None:
+        head, entries = layout(plan, metadata)
+        end = max((o + int(np.prod(shp, dtype=np.int64)) * d.itemsize for _, d, shp, o in entries), default=len(head))
+        with open(path, "wb") as f:
+            f.write(head)
+            f.truncate(end)
+
+    def write(self, name: str, array: np.ndarray) -> None:
+        want, offset = self._where[name]
+        _check(want, name, array)
+        data = memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
+        while len(data):  # pwrite may write less than asked (Linux: at most about 2 GiB per call)
+            n = os.pwrite(self._fd, data, offset)
+            data, offset = data[n:], offset + n
+
+    def close(self) -> None:
+        os.close(self._fd)
 
 
 def save(path: str | Path, tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None) -> None:

@@ -43,10 +43,13 @@ class InitSummary:
     out: Path
     quant_table: str | None = None
     verb: str = "decomposed"
+    ranks: int = 1
 
     def line(self) -> str:
-        return (f"pissa init: {self.verb} {self.matrices} matrices, {self.trainable:,} trainable parameters, "
-                f"{self.seconds:.1f} s, peak memory {self.peak_mib:,.0f} MiB -> {self.out}")
+        where = f" on {self.ranks} ranks" if self.ranks > 1 else ""
+        peak = " (the largest of any rank)" if self.ranks > 1 else ""
+        return (f"pissa init: {self.verb} {self.matrices} matrices{where}, {self.trainable:,} trainable parameters, "
+                f"{self.seconds:.1f} s, peak memory {self.peak_mib:,.0f} MiB{peak} -> {self.out}")
 
 
 def peak_rss_mib() -> float:
@@ -58,7 +61,7 @@ def peak_rss_mib() -> float:
 def run_init(model: str, out: str | Path, spec: AdapterSpec, *, backend: str = "numpy",
              device: str | None = None, force: bool = False, progress: bool = True,
              max_shard_bytes: int = hf.DEFAULT_SHARD_BYTES, svd_batch: int | None = None,
-             quantize: QuantScheme | None = None, quant_iters: int = 1) -> InitSummary:
+             quantize: QuantScheme | None = None, quant_iters: int = 1, group=None) -> InitSummary:
     """Decompose every target of `model` and write OUT/ (residual) and OUT/pissa_init/ (adapter).
 
     Args:
@@ -72,96 +75,133 @@ def run_init(model: str, out: str | Path, spec: AdapterSpec, *, backend: str = "
         quantize: QPiSSA: quantise every target's residual with this scheme (pissa.quant), refined
             over quant_iters iterations (pissa.qpissa); the residual model is then written in the
             scheme's quantised layout (pissa.formats.quantized) with OUT/quant_report.json.
+        group: the ranks to split the work over (pissa.dist); default: the launcher's (torchrun,
+            mlx.launch), or this process alone. Across ranks the folder is byte for byte the one a
+            single process writes (pissa.init_ranks).
 
     Raises:
         PissaError: for bad input (model, spec against the model, output folder); nothing is
             written in that case.
     """
-    start = time.perf_counter()
-    out = Path(out)
-    hf.check_out_dir(out, force)
-    source = open_model(model)
-    shapes = source.shapes()
-    targets = set(spec.resolve(shapes))
-    ops = get_ops(backend, device)
-    dtype = np_dtype(spec.dtype)
-    if quantize is not None:
-        if quant_iters < 1:
-            raise PissaError(f"--quant-iters {quant_iters} is not allowed; give 1 or more (5 is the paper's)")
-        check_backend(ops, quantize)
-        if spec.init not in ("pissa", "pissa-fast"):
-            raise PissaError(f"--quantize needs --init pissa or pissa-fast, not {spec.init}")
-        for module in sorted(targets):
-            check_fits(quantize, module, shapes[f"{module}.weight"])
+    from pissa import dist
 
-    kind = spec.kind_module
-    steps = schedule(shapes, targets, 1 if quantize else svd_batch or ops.svd_batch)
-    plan = []
-    for step in steps:
-        for name in step:
-            if quantize is not None and name[: -len(".weight")] in targets:
-                plan += qformat.plan(name[: -len(".weight")], shapes[name], quantize)
-            else:
-                plan.append((name, dtype, shapes[name]))
-    factors: dict[str, tuple[np.ndarray, ...]] = {}
-    entries: dict[str, dict] = {}
-    bar = tqdm(total=len(targets), desc=f"pissa init ({backend}, {spec.init})", unit="matrix",
-               disable=not progress, file=sys.stderr)
-    with hf.atomic_dir(out, force) as tmp:
-        writer = hf.ModelWriter(tmp, plan, max_shard_bytes)
-        for step in steps:
-            arrays = [source.get(name) for name in step]
-            if not np.issubdtype(arrays[0].dtype, np.floating):
-                raise PissaError(f"{step[0]} has dtype {arrays[0].dtype}; "
-                                 "pissa handles models whose tensors are all floating point")
-            modules = [name[: -len(".weight")] for name in step]
-            if modules[0] in targets and quantize is not None:
-                qf = decompose_quantized(arrays[0], modules[0], spec, ops, quantize, quant_iters)
-                factors[modules[0]] = (qf.A, qf.B)
-                entries[modules[0]] = qf.entry()
-                for tname, tensor in qformat.pack(modules[0], qf.quantized):
-                    writer.write(tname, tensor)
-                bar.set_postfix_str(f"reduction {100 * entries[modules[0]]['reduction']:.1f}%")
-                bar.update(1)
-            elif modules[0] in targets:
-                for name, module, result in zip(step, modules, kind.init(arrays, modules, spec, ops)):
-                    factors[module] = result.params
-                    writer.write(name, result.base)
-                bar.update(len(step))
-            else:
-                writer.write(step[0], np.asarray(arrays[0]).astype(dtype))
-            del arrays
+    start = time.perf_counter()
+    group = group or dist.current()
+    job = dist.agree(group, lambda: Job(model, Path(out), spec, backend, device, force, svd_batch, quantize,
+                                        quant_iters), what="checking the model and options")
+    if group.size > 1:
+        from pissa.init_ranks import run_ranks
+
+        return run_ranks(job, group, start, progress, max_shard_bytes)
+    bar = job.bar(len(job.targets), progress)
+    with hf.atomic_dir(job.out, force) as tmp:
+        writer = hf.ModelWriter(tmp, job.plan, max_shard_bytes)
+        for step in job.steps:
+            job.run(step, writer, bar)
         writer.close()
         bar.close()
-        config = hf.model_config(source.config, spec.dtype)
-        report = None
+        job.finish(tmp)
+    return job.summary(time.perf_counter() - start, peak_rss_mib())
+
+
+class Job:
+    """One `pissa init`: the checked inputs, the order of work (schedule) and what each tensor
+    becomes (plan), the results so far (factors, quant entries), and the files that end it. The
+    single-process path runs every step; across ranks each rank runs its share (pissa.init_ranks)."""
+
+    def __init__(self, model: str, out: Path, spec: AdapterSpec, backend: str, device: str | None, force: bool,
+                 svd_batch: int | None, quantize: QuantScheme | None, quant_iters: int):
+        hf.check_out_dir(out, force)
+        self.model, self.out, self.spec, self.backend = model, out, spec, backend
+        self.quantize, self.quant_iters = quantize, quant_iters
+        self.source = open_model(model)
+        self.shapes = shapes = self.source.shapes()
+        self.targets = targets = set(spec.resolve(shapes))
+        self.ops = get_ops(backend, device)
+        self.dtype = np_dtype(spec.dtype)
+        if quantize is not None:
+            if quant_iters < 1:
+                raise PissaError(f"--quant-iters {quant_iters} is not allowed; give 1 or more (5 is the paper's)")
+            check_backend(self.ops, quantize)
+            if spec.init not in ("pissa", "pissa-fast"):
+                raise PissaError(f"--quantize needs --init pissa or pissa-fast, not {spec.init}")
+            for module in sorted(targets):
+                check_fits(quantize, module, shapes[f"{module}.weight"])
+        self.kind = spec.kind_module
+        self.steps = schedule(shapes, targets, 1 if quantize else svd_batch or self.ops.svd_batch)
+        self.plan = []
+        for step in self.steps:
+            for name in step:
+                if quantize is not None and name[: -len(".weight")] in targets:
+                    self.plan += qformat.plan(name[: -len(".weight")], shapes[name], quantize)
+                else:
+                    self.plan.append((name, self.dtype, shapes[name]))
+        self.factors: dict[str, tuple[np.ndarray, ...]] = {}
+        self.entries: dict[str, dict] = {}
+        self.report: dict | None = None
+        self.ranks = 1
+
+    def bar(self, total: int, progress: bool, note: str = ""):
+        return tqdm(total=total, desc=f"pissa init ({self.backend}, {self.spec.init}{note})", unit="matrix",
+                    disable=not progress, file=sys.stderr)
+
+    def run(self, step: list[str], writer, bar) -> None:
+        """Read, decompose (or copy) and write one step's tensors, keeping their factors."""
+        spec, targets, quantize = self.spec, self.targets, self.quantize
+        arrays = [self.source.get(name) for name in step]
+        if not np.issubdtype(arrays[0].dtype, np.floating):
+            raise PissaError(f"{step[0]} has dtype {arrays[0].dtype}; "
+                             "pissa handles models whose tensors are all floating point")
+        modules = [name[: -len(".weight")] for name in step]
+        if modules[0] in targets and quantize is not None:
+            qf = decompose_quantized(arrays[0], modules[0], spec, self.ops, quantize, self.quant_iters)
+            self.factors[modules[0]] = (qf.A, qf.B)
+            self.entries[modules[0]] = qf.entry()
+            for tname, tensor in qformat.pack(modules[0], qf.quantized):
+                writer.write(tname, tensor)
+            bar.set_postfix_str(f"reduction {100 * self.entries[modules[0]]['reduction']:.1f}%")
+            bar.update(1)
+        elif modules[0] in targets:
+            for name, module, result in zip(step, modules, self.kind.init(arrays, modules, spec, self.ops)):
+                self.factors[module] = result.params
+                writer.write(name, result.base)
+            bar.update(len(step))
+        else:
+            writer.write(step[0], np.asarray(arrays[0]).astype(self.dtype))
+
+    def finish(self, tmp: Path) -> None:
+        """Everything but the weights: config.json, quant_report.json, generation config,
+        tokenizer, and the adapter folder (from every step's factors)."""
+        spec, shapes, quantize, factors = self.spec, self.shapes, self.quantize, self.factors
+        config = hf.model_config(self.source.config, spec.dtype)
         if quantize is not None:
             linear = [n[: -len(".weight")] for n, shp in shapes.items()
                       if n.endswith(".weight") and len(shp) == 2 and "embed" not in n]
-            config.update(qformat.config_entries(quantize, sorted(targets),
-                                                 [m for m in linear if m not in targets]))
-            report = {"scheme": quantize.name, "group_size": quantize.group_size, "bits": quantize.bits,
-                      "rank": spec.rank, "init": spec.init, "quant_iters": quant_iters,
-                      "compute_dtype": spec.compute_dtype, "metric": "nuclear norm",
-                      "by_module_type": summarize(entries), "matrices": entries}
-            hf.write_json(tmp / QUANT_REPORT, report)
+            config.update(qformat.config_entries(quantize, sorted(self.targets),
+                                                 [m for m in linear if m not in self.targets]))
+            self.report = {"scheme": quantize.name, "group_size": quantize.group_size, "bits": quantize.bits,
+                           "rank": spec.rank, "init": spec.init, "quant_iters": self.quant_iters,
+                           "compute_dtype": spec.compute_dtype, "metric": "nuclear norm",
+                           "by_module_type": summarize(self.entries), "matrices": self.entries}
+            hf.write_json(tmp / QUANT_REPORT, self.report)
         hf.write_json(tmp / "config.json", config)
-        if source.generation_config:
-            hf.write_json(tmp / "generation_config.json", source.generation_config)
-        source.save_tokenizer(tmp)
+        if self.source.generation_config:
+            hf.write_json(tmp / "generation_config.json", self.source.generation_config)
+        self.source.save_tokenizer(tmp)
         (tmp / ADAPTER_DIR).mkdir()
-        info = {"role": "pissa_init", "fingerprint": fingerprint(factors), "source": model}
-        if kind.RECORDS_SHAPES:  # the parameters alone do not give the weight's [out, in]
+        info = {"role": "pissa_init", "fingerprint": fingerprint(factors), "source": self.model}
+        if self.kind.RECORDS_SHAPES:  # the parameters alone do not give the weight's [out, in]
             info["shapes"] = {m: list(shapes[m + ".weight"]) for m in sorted(factors)}
         if quantize is not None:
             info["quantization"] = {"scheme": quantize.name, "group_size": quantize.group_size,
-                                    "quant_iters": quant_iters}
-        adapter = Adapter(spec, factors, base_model=str(out.absolute()), info=info)
-        save_adapter(tmp / ADAPTER_DIR, adapter)
-    trainable = sum(p.size for params in factors.values() for p in params)
-    return InitSummary(len(factors), trainable, time.perf_counter() - start, peak_rss_mib(), out,
-                       quant_table=table(report) if report else None,
-                       verb="decomposed" if kind.RESIDUAL else f"started {spec.kind} ({spec.mora_type}) on")
+                                    "quant_iters": self.quant_iters}
+        save_adapter(tmp / ADAPTER_DIR, Adapter(spec, factors, base_model=str(self.out.absolute()), info=info))
+
+    def summary(self, seconds: float, peak_mib: float) -> InitSummary:
+        trainable = sum(p.size for params in self.factors.values() for p in params)
+        verb = "decomposed" if self.kind.RESIDUAL else f"started {self.spec.kind} ({self.spec.mora_type}) on"
+        return InitSummary(len(self.factors), trainable, seconds, peak_mib, self.out,
+                           quant_table=table(self.report) if self.report else None, verb=verb, ranks=self.ranks)
 
 
 def schedule(shapes: dict[str, tuple[int, ...]], targets: set[str], batch: int) -> list[list[str]]:

@@ -83,6 +83,15 @@ class RunDir:
         (self.path / CHECKPOINTS).mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.path / "metrics.jsonl"
 
+    @classmethod
+    def view(cls, path: str | Path) -> "RunDir":
+        """The folder as ranks other than 0 see it under a launcher: they read checkpoints and
+        never write (no checks, no mkdir, no --force removal racing rank 0's)."""
+        self = cls.__new__(cls)
+        self.path = Path(path)
+        self.metrics_path = self.path / "metrics.jsonl"
+        return self
+
     def checkpoints(self) -> list[Path]:
         folder = self.path / CHECKPOINTS
         return sorted(p for p in folder.glob("step-*") if (p / "state.json").is_file()) if folder.is_dir() else []

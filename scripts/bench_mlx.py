@@ -81,9 +81,10 @@ def make_step(which: str, model_dir: str, ids):
         opt = make_optimizer(cfg)
         opt.init(model.trainable_parameters())
         micro_step, update = compiled_steps(model, opt, cfg)
+        weight = mx.array(1.0 / ids[:, 1:].size)  # the gradient of the mean token loss
 
         def step():  # as pissa_mlx.train's loop: loss read back, then the clipped AdamW step
-            loss, grads = micro_step(ids, ids)
+            loss, grads = micro_step(ids, ids, weight)  # loss: the sum over the batch's tokens
             mx.eval(loss, grads)
             loss.item()
             opt.learning_rate = 1e-5

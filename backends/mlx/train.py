@@ -6,6 +6,9 @@ optimizer step, the eval loss, the adapter now, and the optimizer state for chec
 Everything else (data, tokenisation, schedule, run folder, resume, NaN and Ctrl-C handling, eval
 and save cadence, the final adapter and LoRA) is pissa.loop's, shared with the torch backend, so
 both backends see the same batches in the same order and write the same run folder.
+
+Under mlx.launch the run is data-parallel as in mlx-lm: every rank holds the model, runs its rows
+of each batch, and mlx.nn.average_gradients combines the gradients inside the compiled update.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import mlx.core as mx
 import mlx.optimizers as optim
 from mlx import nn
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
+from pissa import dist
 from pissa.data import IGNORE, Dataset, collate
 from pissa.errors import PissaError
 from pissa.loop import prepare, run_loop
@@ -87,7 +91,13 @@ def _cross_entropy_vjp(primals, cotangents, outputs):
 
 
 def token_loss(model: nn.Module, input_ids: mx.array, labels: mx.array) -> tuple[mx.array, mx.array]:
-    """Mean cross-entropy over the label tokens (position t predicts token t+1), and their count.
+    """Mean cross-entropy over the label tokens (position t predicts token t+1), and their count."""
+    total, n = token_loss_sum(model, input_ids, labels)
+    return total / n, n
+
+
+def token_loss_sum(model: nn.Module, input_ids: mx.array, labels: mx.array) -> tuple[mx.array, mx.array]:
+    """Summed cross-entropy over the label tokens (0 for a batch without labels), and their count.
 
     No attention mask is needed: batches are right-padded and attention is causal, so a real
     token never sees a pad, and pads carry no label. For the same reason the last position,
@@ -99,8 +109,7 @@ def token_loss(model: nn.Module, input_ids: mx.array, labels: mx.array) -> tuple
     targets = labels[:, 1:]
     mask = targets != IGNORE
     ce = cross_entropy(logits, mx.where(mask, targets, 0))[0] * mask
-    n = mask.sum()
-    return ce.sum() / n, n
+    return ce.sum(), mask.sum()
 
 
 def to_arrays(batch: dict[str, np.ndarray], pad: int, max_len: int) -> tuple[mx.array, mx.array, int]:
@@ -122,32 +131,40 @@ def eval_loss(model: nn.Module, data: Dataset, batch_size: int, pad: int, max_le
     total, count = 0.0, 0
     for i in range(0, len(data.examples), batch_size):
         ids, labels, _ = to_arrays(collate(data.examples[i:i + batch_size], pad), pad, max_len)
-        loss, n = token_loss(model, ids, labels)
+        loss, n = token_loss_sum(model, ids, labels)
         mx.eval(loss, n)
-        total, count = total + loss.item() * n.item(), count + n.item()
+        total, count = total + loss.item(), count + n.item()
     model.train(was_training)
     return total / max(count, 1)
 
 
-def compiled_steps(model: nn.Module, opt: optim.Optimizer, cfg: TrainConfig):
+def compiled_steps(model: nn.Module, opt: optim.Optimizer, cfg: TrainConfig, group: mx.distributed.Group | None = None):
     """(micro_step, update), both mx.compile'd.
 
-    micro_step(input_ids, labels) -> (loss, grads / grad_accum) for one micro-batch;
-    update(grads) clips the summed gradients to max_grad_norm and takes an AdamW step.
+    micro_step(input_ids, labels, weight) -> (sum of token losses, weight * its gradient) for one
+    micro-batch (weight: an mx.array scalar, so one compiled graph serves every batch);
+    update(grads) averages the accumulated gradients over `group`'s ranks (as mlx-lm does, once
+    per step), clips them to max_grad_norm and takes an AdamW step.
     They read and update model.state and opt.state in place: never assign opt.state afterwards
     (that replaces the dict they hold). micro_step lists model.state among its outputs too,
     because nn.value_and_grad swaps the trainable arrays into the model while it traces.
     """
-    loss_and_grad = nn.value_and_grad(model, token_loss)
+    def weighted(model, input_ids, labels, weight):
+        total, _ = token_loss_sum(model, input_ids, labels)
+        return total * weight, total
+
+    loss_and_grad = nn.value_and_grad(model, weighted)
     state = [model.state, mx.random.state]
 
     @functools.partial(mx.compile, inputs=state, outputs=state)
-    def micro_step(input_ids, labels):
-        (loss, _), grads = loss_and_grad(model, input_ids, labels)
-        return loss, tree_map(lambda g: g / cfg.grad_accum, grads)
+    def micro_step(input_ids, labels, weight):
+        (_, total), grads = loss_and_grad(model, input_ids, labels, weight)
+        return total, grads
 
     @functools.partial(mx.compile, inputs=[model.state, opt.state], outputs=[model.state, opt.state])
     def update(grads):
+        if group is not None and group.size() > 1:
+            grads = nn.average_gradients(grads, group)
         grads, norm = optim.clip_grad_norm(grads, cfg.max_grad_norm)
         opt.update(model, grads)
         return norm
@@ -200,21 +217,27 @@ def _checkpointed(cls: type) -> type:
 
 def train(model_dir: str | Path, data: str | Path, out: str | Path, cfg: TrainConfig, *,
           eval_data: str | Path | None = None, adapter: str | Path | None = None, device: str | None = None,
-          resume: bool = False, force: bool = False, progress: bool = True) -> dict:
+          resume: bool = False, force: bool = False, progress: bool = True, shard: bool = False) -> dict:
     """Train the adapter of a `pissa init` folder (PiSSA, LoRA, QPiSSA or MoRA) with MLX. See
-    `pissa train --help`.
+    `pissa train --help`. Under mlx.launch, data-parallel over the ranks.
 
     Returns:
         A summary dict (steps, final loss, eval loss, tokens/s, seconds, run folder).
 
     Raises:
         PissaError: bad data or options (before any step runs), or a loss that became NaN/inf
-            (after keeping the last good checkpoint).
+            (after keeping the last good checkpoint); LostContact when a rank dies or hangs.
     """
+    group = dist.current()
+    if group.launcher == "torchrun":
+        raise PissaError("started by torchrun: train with --backend torch there, or launch the MLX backend with "
+                         "mlx.launch")
+    if shard:
+        raise PissaError("--shard is for the torch backend (FSDP2); MLX trains data-parallel: drop --shard")
     dev = pick_device(device)
     compute_dtype, precision = resolve_precision(cfg.precision, dev)
     run = prepare(model_dir, data, out, cfg, backend="mlx", eval_data=eval_data, adapter=adapter, resume=resume,
-                  force=force, config={"device": str(dev), "precision": precision})
+                  force=force, group=group, config={"device": str(dev), "precision": precision})
 
     mx.random.seed(cfg.seed)
     model = load_base(run.model_dir, mx.float32)
@@ -227,17 +250,18 @@ def train(model_dir: str | Path, data: str | Path, out: str | Path, cfg: TrainCo
     opt.init(model.trainable_parameters())
     if run.checkpoint is not None:
         restore(opt.state, mx.load(str(run.checkpoint / OPTIMIZER_FILE)), run.checkpoint)
-    micro_step, update = compiled_steps(model, opt, cfg)
+    micro_step, update = compiled_steps(model, opt, cfg, getattr(group, "group", None))
 
     class Steps:
         grads = None
 
-        def forward_backward(self, batch, accum):
+        def forward_backward(self, batch, weight):
             ids, labels, _ = to_arrays(batch, run.pad, cfg.max_seq_len)
-            loss, g = micro_step(ids, labels)
+            # average_gradients divides by the ranks; the loop wants their sum.
+            total, g = micro_step(ids, labels, mx.array(weight * group.size, dtype=mx.float32))
             self.grads = g if self.grads is None else tree_map(mx.add, self.grads, g)
-            mx.eval(loss, self.grads)
-            return loss.item()
+            mx.eval(total, self.grads)
+            return total.item()
 
         def update(self, lr):
             opt.learning_rate = lr
@@ -253,6 +277,7 @@ def train(model_dir: str | Path, data: str | Path, out: str | Path, cfg: TrainCo
             return adapter_of(model, run.spec, run.info)
 
         def save_state(self, folder):
-            mx.save_safetensors(str(folder / OPTIMIZER_FILE), dict(tree_flatten(opt.state)))
+            if folder is not None:
+                mx.save_safetensors(str(folder / OPTIMIZER_FILE), dict(tree_flatten(opt.state)))
 
     return run_loop(run, Steps(), desc="mlx", progress=progress)

@@ -28,7 +28,10 @@ from pissa_torch.quantized import AffineQuantLinear, compute_dtype, is_quantized
 
 
 def to_numpy(t: torch.Tensor) -> np.ndarray:
-    """A CPU numpy copy; bfloat16 becomes ml_dtypes.bfloat16 (numpy has no bfloat16 of its own)."""
+    """A CPU numpy copy; bfloat16 becomes ml_dtypes.bfloat16 (numpy has no bfloat16 of its own).
+    A parameter sharded by FSDP2 (a DTensor) is gathered whole first: every rank must call this."""
+    if hasattr(t, "full_tensor"):
+        t = t.full_tensor()
     t = t.detach().cpu()
     if t.dtype == torch.bfloat16:
         return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16).copy()

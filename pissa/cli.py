@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import warnings
 from typing import Sequence
 
-from pissa.errors import PissaError
+from pissa import dist
+from pissa.errors import LostContact, PeerFailed, PissaError
 
 EXIT_USAGE = 2
+DISTRIBUTED = ("init", "train")  # the commands that split their work over torchrun's or mlx.launch's ranks
 _default_showwarning = warnings.showwarning
 
 
@@ -80,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="values per quantisation block or group (default 64)")
     q.add_argument("--quant-iters", type=_positive_int, default=1,
                    help="QPiSSA iterations: re-decompose W - deq(Q(W_res)) this many times (default 1; paper: 5)")
+    _dist_args(q)
     q.set_defaults(func=_cmd_init)
 
     t = sub.add_parser("train", help="train the PiSSA adapter of a pissa init folder",
@@ -106,6 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="checkpoint every N steps (default: at the end)")
     t.add_argument("--precision", default="auto", help="auto, fp32, bf16 or fp16 (auto: bf16 on CUDA, else fp32)")
     t.add_argument("--grad-checkpointing", action="store_true", help="recompute activations to save memory")
+    t.add_argument("--shard", action="store_true",
+                   help="under torchrun: split weights, gradients and optimizer state over the ranks (FSDP2) "
+                        "instead of a full replica per rank (DDP)")
+    _dist_args(t)
     t.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
     t.add_argument("--force", action="store_true", help="replace a non-empty --out")
     t.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -144,6 +152,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _dist_args(q: argparse.ArgumentParser) -> None:
+    q.add_argument("--dist-timeout", type=_number, default=None, metavar="SECONDS",
+                   help="under torchrun or mlx.launch: fail the job when a rank waits this long for the others "
+                        "(default 600)")
+
+
 def _inference_args(q: argparse.ArgumentParser) -> None:
     q.add_argument("model_dir", help="a model folder or Hub id (a pissa init folder uses its pissa_init adapter)")
     q.add_argument("--adapter", default=None, help="adapter to apply (default: MODEL_DIR/pissa_init if present)")
@@ -167,9 +181,12 @@ def _cmd_init(args: argparse.Namespace) -> int:
         from pissa.quant import scheme as make_scheme
 
         scheme = make_scheme(args.quantize, args.group_size)
+    group = dist.current(args.dist_timeout)
     summary = run_init(args.model, args.out, spec, backend=args.backend, device=args.device,
                        force=args.force, progress=not args.no_progress, svd_batch=args.svd_batch,
-                       quantize=scheme, quant_iters=args.quant_iters)
+                       quantize=scheme, quant_iters=args.quant_iters, group=group)
+    if group.rank != 0:
+        return 0
     if summary.quant_table:
         print(summary.quant_table)
     print(summary.line())
@@ -183,7 +200,8 @@ def _training_backend(name: str) -> str:
 
     have = [b for b in available_backends() if b != "numpy"]
     if name == "auto":
-        if "mlx" in have and sys.platform == "darwin" and platform.machine() == "arm64":
+        if "mlx" in have and (sys.platform == "darwin" and platform.machine() == "arm64"
+                              or dist.launch()[0] == "mlx.launch"):
             return "mlx"
         name = "torch"
     if name not in ("torch", "mlx"):
@@ -208,8 +226,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
     kwargs = {"device": args.device}
     if backend == "mlx" and args.device not in (None, "gpu", "cpu"):
         raise PissaError(f"--device {args.device} is not an MLX device; use gpu or cpu")
+    group = dist.current(args.dist_timeout)
     s = train(model_dir, args.data, args.out, cfg, eval_data=args.eval_data, adapter=args.adapter,
-              resume=args.resume, force=args.force, progress=not args.no_progress, **kwargs)
+              resume=args.resume, force=args.force, progress=not args.no_progress, shard=args.shard, **kwargs)
+    if group.rank != 0:
+        return 0
     ev = f", eval loss {s['eval_loss']:.4f}" if s["eval_loss"] is not None else ""
     print(f"pissa train: {s['steps']} steps, loss {s['loss']:.4f}{ev}, {s['tokens_per_s']:,.0f} tokens/s, "
           f"{s['seconds']:.1f} s -> {s['out']}")
@@ -279,13 +300,35 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
         _default_showwarning(message, category, filename, lineno, file, line)
 
 
+def _report(e: PissaError) -> None:
+    """One line per job: rank 0 says what every rank found; another rank speaks only for what it
+    alone saw (its own failure in pissa.dist.agree, or losing contact)."""
+    try:
+        rank = dist.launch()[1]
+    except PissaError:
+        rank = 0
+    if isinstance(e, PeerFailed):
+        return
+    if rank == 0 or isinstance(e, LostContact) or getattr(e, "rank_local", False):
+        print(f"pissa: error: {e}", file=sys.stderr, flush=True)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     warnings.showwarning = _one_line_warning
     try:
         args = build_parser().parse_args(argv)
+        launcher, _, size = dist.launch()
+        if size > 1 and args.command not in DISTRIBUTED:
+            raise PissaError(f"pissa {args.command} runs in one process, but {launcher} started {size}: "
+                             f"run it without {launcher}")
         return args.func(args)
     except PissaError as e:
-        print(f"pissa: error: {e}", file=sys.stderr)
+        _report(e)
+        if isinstance(e, LostContact):
+            # The process group may be mid-operation; its teardown at exit can abort with a core
+            # dump and more lines (seen with gloo). The message is out: leave now.
+            sys.stdout.flush()
+            os._exit(EXIT_USAGE)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("pissa: interrupted", file=sys.stderr)

@@ -24,7 +24,7 @@ def test_importing_the_core_imports_no_framework():
         import sys
         import pissa, pissa.cli, pissa.init, pissa.decompose, pissa.ops, pissa.spec
         import pissa.loaders.hf, pissa.loaders.gguf, pissa.formats.peft, pissa.formats.hf
-        import pissa.kinds.lora, pissa.kinds.mora, pissa.loop, pissa.merge, pissa.convert
+        import pissa.kinds.lora, pissa.kinds.mora, pissa.loop, pissa.merge, pissa.convert, pissa.dist, pissa.init_ranks
         bad = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "mlx", "mlx_lm"))
         print(bad)
     """)

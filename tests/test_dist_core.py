@@ -1,0 +1,90 @@
+"""pissa.dist without processes: the cost-balanced split, the launch environment (mlx issue 3442's
+silent group of one is refused), and the commands that refuse to run once per rank."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from pissa import dist
+from pissa.cli import main
+from pissa.errors import PissaError
+from pissa.init import Job
+from pissa.init_ranks import cost
+from pissa.spec import AdapterSpec
+
+
+def test_assign_is_deterministic_and_within_one_job_of_balance():
+    rng = np.random.default_rng(0)
+    for size in (2, 3, 8):
+        costs = list(rng.pareto(1.5, 200) + 0.1)
+        owner = dist.assign(costs, size)
+        assert owner == dist.assign(costs, size)
+        loads = np.bincount(owner, weights=costs, minlength=size)
+        assert loads.max() - loads.min() <= max(costs)
+    assert dist.assign([5, 4, 3, 3, 3], 2) == [0, 1, 1, 0, 1]
+
+
+def test_cost_follows_the_shape_and_the_init(tiny_llama, tmp_path):
+    job = Job(str(tiny_llama), tmp_path / "out", AdapterSpec(rank=4), "numpy", None, False, None, None, 1)
+    by_name = {step[0]: cost(job, step) for step in job.steps}
+    q, k, gate = (by_name[f"model.layers.0.{m}.weight"] for m in ("self_attn.q_proj", "self_attn.k_proj",
+                                                                     "mlp.gate_proj"))
+    assert gate > q > k > by_name["model.layers.0.input_layernorm.weight"]
+    # 128 x 64 against 64 x 64: twice the elements at the same k = 64; 32 x 64 has k = 32 (the copy
+    # term, 5 per element, is the rest)
+    assert gate / q == pytest.approx(2, rel=0.1) and q / k == pytest.approx(4, rel=0.15)
+    fast = Job(str(tiny_llama), tmp_path / "out", AdapterSpec(rank=4, init="pissa-fast"), "numpy", None, False,
+               None, None, 1)
+    fast_gate, fast_q = (cost(fast, [f"model.layers.0.{m}.weight"]) for m in ("mlp.gate_proj", "self_attn.q_proj"))
+    assert fast_gate / fast_q == pytest.approx(2, rel=0.1)  # same sketch width, twice the rows
+
+
+def test_mlx_rank_without_a_hostfile_is_refused(monkeypatch, tmp_path, capsys, tiny_llama):
+    """mx.distributed.init() would quietly make every process a group of one (mlx issue 3442)."""
+    monkeypatch.setenv("MLX_RANK", "1")
+    monkeypatch.delenv("MLX_HOSTFILE", raising=False)
+    assert main(["init", str(tiny_llama), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "mlx.launch" in err[0] and "3442" in err[0], err
+    monkeypatch.setenv("MLX_HOSTFILE", str(tmp_path / "missing.json"))
+    assert main(["init", str(tiny_llama), "--out", str(tmp_path / "out")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_one_process_commands_refuse_a_launcher(monkeypatch, capsys, tmp_path):
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["merge", "x", "--adapter", "y", "--out", str(tmp_path / "m")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["pissa: error: pissa merge runs in one process, but torchrun started 2: run it without torchrun"]
+
+
+def test_a_launcher_of_one_process_is_a_plain_run(monkeypatch, tiny_llama, tmp_path):
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert dist.launch() == ("torchrun", 0, 1)
+    assert main(["init", str(tiny_llama), "--out", str(tmp_path / "out"), "--rank", "2", "--no-progress"]) == 0
+
+
+def test_the_global_batch_must_cover_every_rank(tiny_chat, tmp_path):
+    from pissa.loop import prepare
+    from pissa.training import TrainConfig
+    from tests.conftest import DATA
+
+    class Two(dist.Solo):
+        size = 2
+
+    with pytest.raises(PissaError, match="--batch-size 1 is the global batch, split over 2 ranks"):
+        prepare(tiny_chat, DATA / "train.jsonl", tmp_path / "run", TrainConfig(batch_size=1), backend="torch",
+                group=Two())
+    assert not (tmp_path / "run").exists()
+
+
+def test_python_m_pissa_is_the_cli():
+    out = subprocess.run([sys.executable, "-m", "pissa", "train", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "--shard" in out.stdout and "--dist-timeout" in out.stdout

@@ -39,20 +39,19 @@ from pissa.errors import PissaError
 from pissa.formats import hf
 from pissa.formats.safetensors import load, save
 
-# Cost units: floating-point operations. Copying (read, cast, write) a non-target tensor is
-# weighted at COPY operations per element: on this project's CPU, copying SmolLM2's embedding
-# (28M elements) took about as long as a full float64 SVD of one 576 x 1536 matrix (see
-# scripts/bench_svd_shapes.py and docs/scaling.md).
-COPY = 5.0
+# Cost units: seconds on one core of this project's 2-core machine, fitted to the per-shape
+# timings of scripts/bench_svd_shapes.py (docs/scaling.md). Only ratios matter for the split,
+# between the decompositions of different shapes and between them and plain copies.
+COPY = 7.8e-9               # per element of a tensor read, cast and written
+FULL = (3.0e-10, 1.8e-10)   # full SVD with the residual: FULL[0] m n k + FULL[1] k^3, k = min(m, n)
+FAST = 1.2e-10              # randomised SVD: per element, pass over W (2 niter + 2) and sketch column
 
 
 def cost(job, step: list[str]) -> float:
-    """Estimated work of one schedule step (one tensor, or same-shape targets decomposed together).
-
-    Full SVD of [m, n]: m n k flops (k = min(m, n), constant factor dropped: only ratios matter
-    between steps of one init); randomised SVD: (2 niter + 2) m n (r + oversampling) for the
-    sketch, the power iterations and the projection; any other init (LoRA, MoRA, full fine-tuning
-    kinds) copies the weight. Each QPiSSA iteration repeats the decomposition and a quantisation."""
+    """Estimated seconds of one schedule step (one tensor, or same-shape targets decomposed
+    together), from its shape and the init method: a full SVD, a randomised one, or (LoRA, MoRA,
+    full fine-tuning kinds: any other init) a copy. Each QPiSSA iteration repeats the
+    decomposition and a quantisation (about a copy)."""
     shape = job.shapes[step[0]]
     m, n = shape[0], int(np.prod(shape[1:], dtype=np.int64)) if len(shape) > 1 else 1
     copy = COPY * m * n * len(step)
@@ -61,9 +60,9 @@ def cost(job, step: list[str]) -> float:
     spec = job.spec
     k = min(m, n)
     if spec.init == "pissa":
-        work = m * n * k
+        work = FULL[0] * m * n * k + FULL[1] * k ** 3
     elif spec.init == "pissa-fast":
-        work = (2 * spec.niter + 2) * m * n * min(k, spec.rank + spec.oversampling)
+        work = FAST * (2 * spec.niter + 2) * m * n * min(k, spec.rank + spec.oversampling)
     else:
         work = 0.0
     iters = job.quant_iters if job.quantize is not None else 1

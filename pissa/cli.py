@@ -300,16 +300,19 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
         _default_showwarning(message, category, filename, lineno, file, line)
 
 
+def _rank() -> int:
+    try:
+        return dist.launch()[1]
+    except PissaError:  # a broken launch environment: say so from here
+        return 0
+
+
 def _report(e: PissaError) -> None:
     """One line per job: rank 0 says what every rank found; another rank speaks only for what it
     alone saw (its own failure in pissa.dist.agree, or losing contact)."""
-    try:
-        rank = dist.launch()[1]
-    except PissaError:
-        rank = 0
     if isinstance(e, PeerFailed):
         return
-    if rank == 0 or isinstance(e, LostContact) or getattr(e, "rank_local", False):
+    if _rank() == 0 or isinstance(e, LostContact) or getattr(e, "rank_local", False):
         print(f"pissa: error: {e}", file=sys.stderr, flush=True)
 
 
@@ -331,7 +334,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             os._exit(EXIT_USAGE)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print("pissa: interrupted", file=sys.stderr)
+        if _rank() == 0:  # Ctrl-C reaches every rank of a launcher; one line is enough
+            print("pissa: interrupted", file=sys.stderr)
         return 130
 
 

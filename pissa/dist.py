@@ -38,9 +38,11 @@ class Group(Protocol):
     def all_sum(self, x: Sequence[float] | np.ndarray) -> np.ndarray:
         """The float64 sum of x over every rank (a collective: every rank must call it)."""
 
-    def guard(self, what: str) -> ContextManager:
+    def guard(self, what: str, timed: bool = True) -> ContextManager:
         """The context around collectives (and the compute between them): a failed or timed-out
-        collective inside raises LostContact naming `what`, or ends the process with that line."""
+        collective inside raises LostContact naming `what`, or ends the process with that line.
+        An engine without timeouts of its own times the whole block (MLX: a watchdog);
+        timed=False leaves long compute without collectives of that engine (an eval) untimed."""
 
 
 class Solo:
@@ -51,7 +53,7 @@ class Solo:
     def all_sum(self, x):
         return np.array(x, dtype=np.float64)
 
-    def guard(self, what: str):
+    def guard(self, what: str, timed: bool = True):
         return contextlib.nullcontext()
 
 

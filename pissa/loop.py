@@ -106,7 +106,8 @@ def prepare(model_dir: str | Path, data: str | Path, out: str | Path, cfg: Train
 
     made = dist.agree(group, make_folder, what="setting up the run folder", on=(0,))
     # Every rank resumes from the checkpoint rank 0 chose (-1: none), found by its step.
-    step = int(group.all_sum([made[1] if made else 0])[0])
+    with group.guard("setting up the run folder"):
+        step = int(group.all_sum([made[1] if made else 0])[0])
     folder = made[0] if made else RunDir.view(out)
     checkpoint = folder.path / CHECKPOINTS / f"step-{step:06d}" if step >= 0 else None
 
@@ -251,7 +252,8 @@ def evaluate(run: Run, steps: Steps) -> float:
     filler = Example(examples[0].input_ids, [IGNORE] * len(examples[0].input_ids))
     mine = mine + [filler] * (-(-len(examples) // group.size) - len(mine))
     tokens = sum(sum(label != IGNORE for label in e.labels[1:]) for e in mine)
-    with group.guard("eval"):
+    with group.guard("eval", timed=False):  # a long eval is no lost rank (a sharded one gathers inside)
         mean = steps.eval_loss(Dataset(mine, 0, run.eval_set.path))  # 0 when it holds only filler
+    with group.guard("eval"):
         total, count = group.all_sum([mean * tokens, tokens])
     return float(total / max(count, 1))

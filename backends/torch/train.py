@@ -14,6 +14,7 @@ scaled so that the reduced gradient is the one-process gradient of the global ba
 from __future__ import annotations
 
 import contextlib
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -100,6 +101,9 @@ def train(model_dir: str | Path, data: str | Path, out: str | Path, cfg: TrainCo
         dev = torch.device("cuda", group.local_rank % torch.cuda.device_count())
     autocast, precision = autocast_for(cfg.precision, dev)
     split = shard and group.size > 1
+    if shard and not split:
+        print("pissa train: note: --shard splits a model over the ranks of torchrun; one process trains it whole",
+              file=sys.stderr)
     run = prepare(model_dir, data, out, cfg, backend="torch", eval_data=eval_data, adapter=adapter, resume=resume,
                   force=force, group=group,
                   config={"device": str(dev), "precision": precision, **({"shard": True} if split else {})})

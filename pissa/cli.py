@@ -80,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="values per quantisation block or group (default 64)")
     q.add_argument("--quant-iters", type=_positive_int, default=1,
                    help="QPiSSA iterations: re-decompose W - deq(Q(W_res)) this many times (default 1; paper: 5)")
+    q.add_argument("--no-kl", action="store_true",
+                   help="with --quantize: skip the step-0 KL against QLoRA (it runs the model three times)")
     q.set_defaults(func=_cmd_init)
 
     t = sub.add_parser("train", help="train the PiSSA adapter of a pissa init folder",
@@ -199,9 +201,11 @@ def _cmd_init(args: argparse.Namespace) -> int:
         scheme = make_scheme(args.quantize, args.group_size)
     summary = run_init(args.model, args.out, spec, backend=args.backend, device=args.device,
                        force=args.force, progress=not args.no_progress, svd_batch=args.svd_batch,
-                       quantize=scheme, quant_iters=args.quant_iters)
+                       quantize=scheme, quant_iters=args.quant_iters, step0_kl=not args.no_kl)
     if summary.quant_table:
         print(summary.quant_table)
+    if summary.kl_line:
+        print(summary.kl_line)
     print(summary.line())
     return 0
 

@@ -43,6 +43,7 @@ class InitSummary:
     out: Path
     quant_table: str | None = None
     verb: str = "decomposed"
+    kl_line: str | None = None      # QPiSSA: the step-0 KL against QLoRA (pissa.stepzero)
 
     def line(self) -> str:
         return (f"pissa init: {self.verb} {self.matrices} matrices, {self.trainable:,} trainable parameters, "
@@ -58,7 +59,7 @@ def peak_rss_mib() -> float:
 def run_init(model: str, out: str | Path, spec: AdapterSpec, *, backend: str = "numpy",
              device: str | None = None, force: bool = False, progress: bool = True,
              max_shard_bytes: int = hf.DEFAULT_SHARD_BYTES, svd_batch: int | None = None,
-             quantize: QuantScheme | None = None, quant_iters: int = 1) -> InitSummary:
+             quantize: QuantScheme | None = None, quant_iters: int = 1, step0_kl: bool = False) -> InitSummary:
     """Decompose every target of `model` and write OUT/ (residual) and OUT/pissa_init/ (adapter).
 
     Args:
@@ -72,6 +73,8 @@ def run_init(model: str, out: str | Path, spec: AdapterSpec, *, backend: str = "
         quantize: QPiSSA: quantise every target's residual with this scheme (pissa.quant), refined
             over quant_iters iterations (pissa.qpissa); the residual model is then written in the
             scheme's quantised layout (pissa.formats.quantized) with OUT/quant_report.json.
+        step0_kl: QPiSSA only: also measure the step-0 KL per token from the original model,
+            against QLoRA's (pissa.stepzero), on the torch or MLX backend; it goes into the report.
 
     Raises:
         PissaError: for bad input (model, spec against the model, output folder); nothing is
@@ -162,12 +165,31 @@ def run_init(model: str, out: str | Path, spec: AdapterSpec, *, backend: str = "
                                     "quant_iters": quant_iters}
         adapter = Adapter(spec, factors, base_model=str(out.absolute()), info=info)
         save_adapter(tmp / ADAPTER_DIR, adapter)
+        kl_line = None
+        if report is not None and step0_kl:
+            kl_line = _step0_kl(model, tmp, targets, quantize, spec, backend, report)
     trainable = (sum(int(np.prod(shapes[m + ".weight"])) for m in factors) if kind.EMPTY_INIT
                  else sum(p.size for params in factors.values() for p in params))
     return InitSummary(len(factors), trainable, time.perf_counter() - start, peak_rss_mib(), out,
                        quant_table=table(report) if report else None,
                        verb="decomposed" if kind.RESIDUAL else "started " + (
-                           f"mora ({spec.mora_type})" if spec.kind == "mora" else spec.kind) + " on")
+                           f"mora ({spec.mora_type})" if spec.kind == "mora" else spec.kind) + " on",
+                       kl_line=kl_line if quantize is not None and step0_kl else None)
+
+
+def _step0_kl(model: str, folder: Path, targets: set[str], quantize: QuantScheme, spec: AdapterSpec,
+              backend: str, report: dict) -> str:
+    """Measure the step-0 KL of the finished folder (before its rename), add it to the report."""
+    from pissa import stepzero
+
+    runner = stepzero.kl_backend(backend)
+    if runner is None:
+        return "step-0 KL not measured: it needs the torch or MLX backend (pip install 'pissa[torch]')"
+    if not any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+        return "step-0 KL not measured: the model has no tokenizer to read the general text with"
+    report["step0_kl"] = stepzero.step0_kl(model, folder, targets, quantize, spec.dtype, runner)
+    hf.write_json(folder / QUANT_REPORT, report)
+    return stepzero.line(report["step0_kl"])
 
 
 def schedule(shapes: dict[str, tuple[int, ...]], targets: set[str], batch: int) -> list[list[str]]:

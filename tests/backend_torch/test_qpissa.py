@@ -208,7 +208,7 @@ def smol_qpissa(tmp_path_factory):
     for name in ("nf4",):
         assert main(["init", "smollm2-135m", "--out", str(root / name), "--quantize", name, "--init", "pissa-fast",
                      "--compute-dtype", "float32", "--targets", "q_proj,v_proj", "--rank", "16", "--backend",
-                     "torch", "--no-progress"]) == 0
+                     "torch", "--no-progress", "--no-kl"]) == 0
     return root
 
 

@@ -33,10 +33,6 @@ class Dataset:
     truncated: int        # records cut to max_seq_len
     path: Path
 
-    @property
-    def tokens(self) -> int:
-        return sum(len(e.input_ids) for e in self.examples)
-
 
 def read_jsonl(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
     """(line number, record) for every non-blank line.

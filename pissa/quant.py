@@ -47,9 +47,6 @@ class QuantScheme:
     bits: int
     group_size: int
 
-    def describe(self) -> str:
-        return f"{self.name} (group {self.group_size})"
-
 
 SCHEMES = {"nf4": ("nf4", 4), "int8": ("affine", 8), "affine4": ("affine", 4)}
 AFFINE_GROUP_SIZES = (32, 64, 128)

@@ -1,4 +1,5 @@
-"""PiSSA -> LoRA conversion as pure math (REFERENCE.md section 2), in float64 numpy."""
+"""PiSSA -> LoRA conversion as pure math (the identity in pissa/kinds/lora.py's docstring), in
+float64 numpy."""
 
 import numpy as np
 import pytest

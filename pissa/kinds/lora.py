@@ -1,7 +1,7 @@
 """The LoRA-shaped kind: A [r, in] and B [out, r], dW = s * B @ A. PiSSA, its randomised variant
 and LoRA's own init all train this pair; they differ only in how it starts (pissa.decompose).
 
-Conversion (REFERENCE.md section 2): training moves (A0, B0) to (A', B'), so the model is
+Conversion (the PiSSA paper's identity): training moves (A0, B0) to (A', B'), so the model is
 W_res + s B'A' = W + s (B'A' - B0A0) = W + s [B' | -B0] @ [A' ; A0]: a plain rank-2r LoRA on
 the ORIGINAL weights W, with the same scale s (alpha -> 2 alpha; rsLoRA alpha -> sqrt(2) alpha).
 """

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 import numpy as np
 from tqdm.auto import tqdm
 
-from pissa.data import Dataset, batch_indices, collate, load_dataset, pad_id
+from pissa.data import Dataset, batch_indices, collate, load_dataset, load_tokenizer, pad_id
 from pissa.errors import PissaError
 from pissa.formats import peft as peft_format
 from pissa.formats.peft import Adapter
@@ -62,11 +62,9 @@ def prepare(model_dir: str | Path, data: str | Path, out: str | Path, cfg: Train
         PissaError: a model folder without pissa_init, an adapter of another init, bad data, or a
             run folder that is not empty (without --resume / --force) or has no checkpoint to resume.
     """
-    from transformers import AutoTokenizer
-
     model_dir = Path(model_dir)
     start, init = initial_adapter(model_dir, adapter)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = load_tokenizer(model_dir)
     train_set = load_dataset(data, tokenizer, cfg.max_seq_len)
     eval_set = load_dataset(eval_data, tokenizer, cfg.max_seq_len) if eval_data else None
     for ds in filter(None, (train_set, eval_set)):

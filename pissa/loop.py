@@ -23,7 +23,7 @@ from pissa.data import Dataset, batch_indices, collate, load_dataset, load_token
 from pissa.errors import PissaError
 from pissa.formats import peft as peft_format
 from pissa.formats.peft import Adapter
-from pissa.training import RunDir, TrainConfig, initial_adapter, lr_at, save_config
+from pissa.training import RunDir, TrainConfig, init_fingerprint, initial_adapter, lr_at, save_config
 
 # pissa_config.json fields of the init that every adapter of the run carries on.
 _INHERITED = ("shapes",)
@@ -77,7 +77,7 @@ def prepare(model_dir: str | Path, data: str | Path, out: str | Path, cfg: Train
         start = peft_format.load_adapter(checkpoint / "adapter")
         step = int(json.loads((checkpoint / "state.json").read_text())["step"])
         folder.truncate_metrics(step)
-    info = {"role": "trained", "init_fingerprint": init.info["fingerprint"], "source": init.info.get("source"),
+    info = {"role": "trained", "init_fingerprint": init_fingerprint(init), "source": init.info.get("source"),
             **{k: init.info[k] for k in _INHERITED if k in init.info}}
     save_config(folder, cfg, {"backend": backend, "model_dir": str(model_dir.absolute()), "data": str(data),
                               "spec": start.spec.to_dict(), **(config or {})})

@@ -111,11 +111,15 @@ def to_lora(initial, trained):
         raise PissaError("converting a PiSSA or LoRA adapter needs --initial MODEL_DIR/pissa_init, the init it "
                          "was trained from")
     start = trained.info.get("init_fingerprint")
-    if initial.info.get("role") != "pissa_init":
-        raise PissaError("--initial must be the pissa_init folder that pissa init wrote")
-    if start is not None and start != initial.info.get("fingerprint"):
+    # An init written by PEFT or the official PiSSA scripts has no pissa_config.json, so no role.
+    if initial.info.get("role", "pissa_init") != "pissa_init":
+        raise PissaError(f"--initial is a {initial.info['role']} adapter; pass the pissa_init folder of the model "
+                         "that was trained")
+    from pissa.training import init_fingerprint
+
+    if start is not None and start != init_fingerprint(initial):
         raise PissaError("the trained adapter started from a different init than --initial "
-                         f"(fingerprint {start} vs {initial.info.get('fingerprint')}); pass the pissa_init "
+                         f"(fingerprint {start} vs {init_fingerprint(initial)}); pass the pissa_init "
                          "folder of the model it was trained on")
     if set(initial.factors) != set(trained.factors):
         raise PissaError(f"--initial and --trained adapt different modules "

@@ -45,5 +45,5 @@ def test_conversion_checks_that_the_runs_match():
         pissa_to_lora(init, Adapter(spec, {"n": (A, B)}, info={"init_fingerprint": "abc"}))
     with pytest.raises(PissaError, match="rank 2 and scale 1 but --trained has rank 4"):
         pissa_to_lora(init, Adapter(AdapterSpec(rank=4), {"m": (A, B)}, info={"init_fingerprint": "abc"}))
-    with pytest.raises(PissaError, match="must be the pissa_init folder"):
+    with pytest.raises(PissaError, match="is a trained adapter; pass the pissa_init folder"):
         pissa_to_lora(Adapter(spec, {"m": (A, B)}, info={"role": "trained"}), init)

@@ -100,7 +100,7 @@ def run_init(model: str, out: str | Path, spec: AdapterSpec, *, backend: str = "
     for step in steps:
         for name in step:
             if quantize is not None and name[: -len(".weight")] in targets:
-                plan += qformat.plan(name[: -len(".weight")], shapes[name], quantize)
+                plan += qformat.plan(name[: -len(".weight")], shapes[name], quantize, spec.dtype)
             else:
                 plan.append((name, dtype, shapes[name]))
     factors: dict[str, tuple[np.ndarray, ...]] = {}

@@ -13,6 +13,7 @@ from pissa.formats import quantized
 from pissa.formats.safetensors import SafetensorsFile
 
 INDEX = "model.safetensors.index.json"
+_STORED = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}  # safetensors dtype -> storage dtype
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json")
 
@@ -66,7 +67,8 @@ class HFSource:
             self._open_single()
         # A quantised folder (MLX affine, bitsandbytes) is seen through its dequantised weights.
         raw = {n: f.shape(n) for n, f in self._where.items()}
-        self._shapes, self._read = quantized.unquantized_view(self.config, raw, self._raw_get, str(self.path))
+        stored = {n: _STORED.get(f.dtype(n), "float32") for n, f in self._where.items()}
+        self._shapes, self._read = quantized.unquantized_view(self.config, raw, self._raw_get, str(self.path), stored)
 
     def _open_sharded(self) -> None:
         index = self.path / INDEX

@@ -24,6 +24,7 @@ from pissa.formats import hf
 from pissa.formats.peft import Adapter, save_adapter
 from pissa.formats import quantized as qformat
 from pissa.formats.safetensors import np_dtype
+from pissa.layouts import base_model_info
 from pissa.loaders import open_model
 from pissa.ops import get_ops
 from pissa.qpissa import check_backend, decompose_quantized, summarize, table
@@ -89,6 +90,9 @@ def run_init(model: str, out: str | Path, spec: AdapterSpec, *, backend: str = "
         if quant_iters < 1:
             raise PissaError(f"--quant-iters {quant_iters} is not allowed; give 1 or more (5 is the paper's)")
         check_backend(ops, quantize)
+        if source.layout.conv1d:  # neither bitsandbytes' nor MLX's layout has a transposed weight
+            raise PissaError(f"--quantize does not support {source.layout.model_type}'s Conv1D layers (weights "
+                             "stored [in, out]); run pissa init without --quantize")
         if spec.init not in ("pissa", "pissa-fast"):
             raise PissaError(f"--quantize needs --init pissa or pissa-fast, not {spec.init}")
         for module in sorted(targets):
@@ -108,7 +112,7 @@ def run_init(model: str, out: str | Path, spec: AdapterSpec, *, backend: str = "
     bar = tqdm(total=len(targets), desc=f"pissa init ({backend}, {spec.init})", unit="matrix",
                disable=not progress, file=sys.stderr)
     with hf.atomic_dir(out, force) as tmp:
-        writer = hf.ModelWriter(tmp, plan, max_shard_bytes)
+        writer = hf.ModelWriter(tmp, plan, max_shard_bytes, layout=source.layout.for_writing())
         for step in steps:
             arrays = [source.get(name) for name in step]
             if not np.issubdtype(arrays[0].dtype, np.floating):
@@ -153,6 +157,7 @@ def run_init(model: str, out: str | Path, spec: AdapterSpec, *, backend: str = "
         info = {"role": "pissa_init", "fingerprint": fingerprint(factors), "source": model}
         if kind.RECORDS_SHAPES:  # the parameters alone do not give the weight's [out, in]
             info["shapes"] = {m: list(shapes[m + ".weight"]) for m in sorted(factors)}
+        info.update(base_model_info(source.layout, sorted(factors)))
         if quantize is not None:
             info["quantization"] = {"scheme": quantize.name, "group_size": quantize.group_size,
                                     "quant_iters": quant_iters}

@@ -23,10 +23,11 @@ from pissa.data import Dataset, batch_indices, collate, load_dataset, load_token
 from pissa.errors import PissaError
 from pissa.formats import peft as peft_format
 from pissa.formats.peft import Adapter
+from pissa.layouts import BASE_MODEL_INFO
 from pissa.training import RunDir, TrainConfig, init_fingerprint, initial_adapter, lr_at, save_config
 
 # pissa_config.json fields of the init that every adapter of the run carries on.
-_INHERITED = ("shapes",)
+_INHERITED = ("shapes", *BASE_MODEL_INFO)
 
 
 @dataclass

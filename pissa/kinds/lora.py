@@ -17,6 +17,7 @@ import numpy as np
 
 from pissa.errors import PissaError
 from pissa.kinds import Init
+from pissa.layouts import BASE_MODEL_INFO
 
 NAME = "lora"
 INITS = ("pissa", "pissa-fast", "lora")
@@ -181,4 +182,5 @@ def to_lora(initial, trained):
     if not math.isclose(spec.scale, st.scale, rel_tol=1e-12):
         raise AssertionError("conversion must keep the scale")
     return type(trained)(spec, factors, base_model=initial.info.get("source"),
-                         info={"role": "lora", "converted_from": trained.info.get("init_fingerprint")})
+                         info={"role": "lora", "converted_from": trained.info.get("init_fingerprint"),
+                      **{k: trained.info[k] for k in BASE_MODEL_INFO if k in trained.info}})

@@ -32,6 +32,7 @@ import numpy as np
 
 from pissa.errors import PissaError
 from pissa.kinds import Init
+from pissa.layouts import BASE_MODEL_INFO
 
 NAME = "mora"
 INITS = ("mora",)
@@ -206,4 +207,5 @@ def to_lora(initial, trained):
     lora = AdapterSpec(rank=rank, alpha=float(rank), targets=tuple(sorted(factors)), init="lora",
                        dtype=spec.dtype, compute_dtype=spec.compute_dtype)
     return type(trained)(lora, factors, base_model=trained.info.get("source") or trained.base_model,
-                         info={"role": "lora", "converted_from": "mora-sharing"})
+                         info={"role": "lora", "converted_from": "mora-sharing",
+                               **{k: trained.info[k] for k in BASE_MODEL_INFO if k in trained.info}})

@@ -142,12 +142,14 @@ def to_lora(initial, trained):
     if initial.info.get("role", "pissa_init") != "pissa_init":
         raise PissaError(f"--initial is a {initial.info['role']} adapter; pass the pissa_init folder of the model "
                          "that was trained")
-    from pissa.training import init_fingerprint
+    from pissa.init import fingerprint
 
-    if start is not None and start != init_fingerprint(initial):
+    # An init without pissa_config.json gets the fingerprint pissa.training gives it: its factors' hash.
+    init_fp = initial.info.get("fingerprint") or fingerprint(initial.factors)
+    if start is not None and start != init_fp:
         raise PissaError("the trained adapter started from a different init than --initial "
-                         f"(fingerprint {start} vs {init_fingerprint(initial)}); pass the pissa_init "
-                         "folder of the model it was trained on")
+                         f"(fingerprint {start} vs {init_fp}); pass the pissa_init folder of the model it was "
+                         "trained on")
     if set(initial.factors) != set(trained.factors):
         raise PissaError(f"--initial and --trained adapt different modules "
                          f"({len(initial.factors)} vs {len(trained.factors)}); they are not the same run")

@@ -76,11 +76,11 @@ def test_quantizers_of_16_bit_weights_match_the_numpy_reference(smollm2_matrices
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("name,group", SCHEMES)
-def test_cuda_quantizers_match_the_numpy_reference_bit_for_bit(smollm2_matrices, name, group):
+@pytest.mark.parametrize("storage", ["float32", "bfloat16"])
+def test_cuda_quantizers_match_the_numpy_reference_bit_for_bit(smollm2_matrices, name, group, storage):
     s, ops = quant.scheme(name, group), make_ops("cuda")
-    check_bit_exact(edge_cases(), s, ops, torch.float64, "edge cases")
-    for module, W in smollm2_matrices.items():
-        check_bit_exact(W.astype(np.float32), s, ops, torch.float64, module)
+    for where, W in {"edge cases": edge_cases(), **smollm2_matrices}.items():
+        check_bit_exact(quant.round_to(W.astype(np.float32), storage), s, ops, torch.float64, where, storage)
 
 
 def test_affine_quant_linear_dequantizes_exactly_and_passes_gradients_to_x_only():

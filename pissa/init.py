@@ -86,6 +86,9 @@ def run_init(model: str, out: str | Path, spec: AdapterSpec, *, backend: str = "
     targets = set(spec.resolve(shapes))
     ops = get_ops(backend, device)
     dtype = np_dtype(spec.dtype)
+    if spec.kind == "full" and source.layout.conv1d:  # its trained "adapter" is the stored [in, out] weight
+        raise PissaError(f"--init full does not support {source.layout.model_type}'s Conv1D layers yet; use "
+                         "--init pissa, pissa-fast, lora or mora")
     if quantize is not None:
         if quant_iters < 1:
             raise PissaError(f"--quant-iters {quant_iters} is not allowed; give 1 or more (5 is the paper's)")
@@ -108,6 +111,7 @@ def run_init(model: str, out: str | Path, spec: AdapterSpec, *, backend: str = "
             else:
                 plan.append((name, dtype, shapes[name]))
     factors: dict[str, tuple[np.ndarray, ...]] = {}
+    digests: dict[str, tuple[np.ndarray, ...]] = {}
     entries: dict[str, dict] = {}
     bar = tqdm(total=len(targets), desc=f"pissa init ({backend}, {spec.init})", unit="matrix",
                disable=not progress, file=sys.stderr)
@@ -130,6 +134,8 @@ def run_init(model: str, out: str | Path, spec: AdapterSpec, *, backend: str = "
             elif modules[0] in targets:
                 for name, module, result in zip(step, modules, kind.init(arrays, modules, spec, ops)):
                     factors[module] = result.params
+                    if kind.EMPTY_INIT:  # no parameters to fingerprint: the weights themselves are the start
+                        digests[module] = (np.frombuffer(hashlib.sha256(result.base.tobytes()).digest(), np.uint8),)
                     writer.write(name, result.base)
                 bar.update(len(step))
             else:
@@ -154,7 +160,8 @@ def run_init(model: str, out: str | Path, spec: AdapterSpec, *, backend: str = "
             hf.write_json(tmp / "generation_config.json", source.generation_config)
         source.save_tokenizer(tmp)
         (tmp / ADAPTER_DIR).mkdir()
-        info = {"role": "pissa_init", "fingerprint": fingerprint(factors), "source": model}
+        info = {"role": "pissa_init", "fingerprint": fingerprint(digests if kind.EMPTY_INIT else factors),
+                "source": model}
         if kind.RECORDS_SHAPES:  # the parameters alone do not give the weight's [out, in]
             info["shapes"] = {m: list(shapes[m + ".weight"]) for m in sorted(factors)}
         info.update(base_model_info(source.layout, sorted(factors)))
@@ -163,10 +170,12 @@ def run_init(model: str, out: str | Path, spec: AdapterSpec, *, backend: str = "
                                     "quant_iters": quant_iters}
         adapter = Adapter(spec, factors, base_model=str(out.absolute()), info=info)
         save_adapter(tmp / ADAPTER_DIR, adapter)
-    trainable = sum(p.size for params in factors.values() for p in params)
+    trainable = (sum(int(np.prod(shapes[m + ".weight"])) for m in factors) if kind.EMPTY_INIT
+                 else sum(p.size for params in factors.values() for p in params))
     return InitSummary(len(factors), trainable, time.perf_counter() - start, peak_rss_mib(), out,
                        quant_table=table(report) if report else None,
-                       verb="decomposed" if kind.RESIDUAL else f"started {spec.kind} ({spec.mora_type}) on")
+                       verb="decomposed" if kind.RESIDUAL else "started " + (
+                           f"mora ({spec.mora_type})" if spec.kind == "mora" else spec.kind) + " on")
 
 
 def schedule(shapes: dict[str, tuple[int, ...]], targets: set[str], batch: int) -> list[list[str]]:

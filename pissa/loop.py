@@ -108,7 +108,7 @@ class Steps(Protocol):
 
 def run_loop(run: Run, steps: Steps, *, desc: str, progress: bool = True) -> dict:
     """Train from run.step to run.cfg.steps, then write RUN_DIR/adapter, RUN_DIR/lora (when the
-    adapter kind has an exact LoRA form) and loss.png.
+    adapter kind has an exact LoRA form) and loss.png; for full fine-tuning RUN_DIR/model.
 
     Ctrl-C saves a checkpoint and re-raises KeyboardInterrupt. Both backends draw the same
     micro-batches in the same order (pissa.data.batch_indices), so runs are comparable.
@@ -163,7 +163,7 @@ def run_loop(run: Run, steps: Steps, *, desc: str, progress: bool = True) -> dic
         last_eval = steps.eval_loss(run.eval_set)
         folder.log({"step": step, "eval_loss": last_eval})
     save(step)
-    folder.finish(steps.adapter(), run.init)
+    folder.finish(steps.adapter(), run.init, run.model_dir)
     folder.plot()
     elapsed = time.perf_counter() - t0
     return {"steps": step, "loss": loss_value, "eval_loss": last_eval, "tokens_per_s": tokens_seen / max(elapsed, 1e-9),

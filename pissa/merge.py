@@ -1,7 +1,8 @@
 """`pissa merge`: a model folder plus an adapter -> one full model folder, W + dW.
 
 Works for a residual model with its (trained) PiSSA adapter (dW = s*B@A), for an original model
-with a converted LoRA, and for a model with a MoRA adapter (dW from pissa.kinds.mora).
+with a converted LoRA, for a model with a MoRA adapter (dW from pissa.kinds.mora), and for full
+fine-tuning's trained weights (they replace the model's): each kind's merged().
 Backend-neutral, streamed tensor by tensor like pissa init.
 """
 
@@ -9,10 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 from tqdm.auto import tqdm
 
-from pissa.convert import delta
 from pissa.errors import PissaError
 from pissa.formats import hf
 from pissa.formats.peft import load_adapter, misfits
@@ -47,7 +46,7 @@ def run_merge(model: str, adapter_dir: str | Path, out: str | Path, *, force: bo
             W = source.get(name)
             module = name[: -len(".weight")]
             if module in adapter.factors:
-                W = W.astype(np.float32) + delta(adapter, module, W.shape)
+                W = adapter.spec.kind_module.merged(adapter.spec, adapter.factors[module], W)
             writer.write(name, W.astype(dt))
         writer.close()
         hf.write_json(tmp / "config.json", hf.model_config(source.config, store))

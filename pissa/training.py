@@ -145,10 +145,17 @@ class RunDir:
         plt.close(fig)
         return out
 
-    def finish(self, trained: Adapter, initial: Adapter) -> None:
+    def finish(self, trained: Adapter, initial: Adapter, model_dir: Path) -> None:
         """RUN_DIR/adapter (the trained adapter) and, when its kind has an exact LoRA form,
         RUN_DIR/lora (that LoRA on the original model: rank 2r for PiSSA, r_hat for sharing MoRA),
-        each written atomically."""
+        each written atomically. Full fine-tuning writes RUN_DIR/model instead: the init folder's
+        model with the trained weights, an ordinary model folder."""
+        if trained.spec.kind_module.OUTPUT == "model":
+            from pissa.merge import run_merge
+
+            latest = self.latest()
+            run_merge(str(model_dir), latest / "adapter", self.path / "model", force=True, progress=False)
+            return
         with atomic_dir(self.path / "adapter", force=True) as tmp:
             peft_format.save_adapter(tmp, trained)
         if not trained.spec.kind_module.converts(trained.spec):

@@ -221,10 +221,12 @@ def test_torch_apply_merge_and_fuse_on_conv1d(gpt2, inits):
 
 
 # ------------------------------------------------------------------ what pissa refuses
-def test_quantize_refuses_conv1d_before_writing(gpt2, tmp_path, capsys):
-    assert main(["init", str(gpt2["hub"]), "--out", str(tmp_path / "q"), "--quantize", "nf4", "--rank", "4"]) == 2
+@pytest.mark.parametrize("args, words", [(["--quantize", "nf4"], "--quantize does not support gpt2's Conv1D"),
+                                         (["--init", "full"], "--init full does not support gpt2's Conv1D")])
+def test_quantize_and_full_refuse_conv1d_before_writing(args, words, gpt2, tmp_path, capsys):
+    assert main(["init", str(gpt2["hub"]), "--out", str(tmp_path / "q"), "--rank", "4", *args]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "--quantize does not support gpt2's Conv1D layers" in err, err
+    assert len(err.splitlines()) == 1 and words in err, err
     assert not (tmp_path / "q").exists()
 
 

@@ -267,7 +267,7 @@ def _clean_failure(proc, words):
     (["--quantize", "fp8"], "unknown quantisation scheme 'fp8'"),
     (["--quantize", "affine4", "--group-size", "48"], "--group-size 48 is not supported"),
     (["--quantize", "affine4", "--group-size", "128"], "does not divide the input dimension"),
-    (["--quantize", "nf4", "--quant-iters", "0"], "--quant-iters: expected an integer >= 1"),
+    (["--quantize", "nf4", "--quant-iters", "0"], "argument --quant-iters: expected an integer >= 1, got '0'"),
     (["--quantize", "nf4", "--init", "lora"], "--quantize needs --init pissa or pissa-fast"),
 ])
 def test_bad_quantisation_input(tmp_path, args, words):

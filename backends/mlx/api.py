@@ -17,7 +17,7 @@ from pathlib import Path
 
 import ml_dtypes
 import numpy as np
-from pissa_mlx.layer import NOT_QPISSA, QUANTIZED_BASE, QUANTIZED_MERGE, AdapterLinear, PissaLinear, weight_shape
+from pissa_mlx.layer import NOT_QPISSA, QUANTIZED_BASE, QUANTIZED_MERGE, AdapterLinear, FullLinear, PissaLinear, weight_shape
 from pissa_mlx.mora import MoraLinear
 from pissa_mlx.ops import make_ops
 
@@ -31,7 +31,7 @@ from pissa.formats.peft import Adapter, check_fits
 from pissa.layouts import from_mlx_lm_path
 from pissa.spec import AdapterSpec
 
-LAYERS: dict[str, type[AdapterLinear]] = {"lora": PissaLinear, "mora": MoraLinear}
+LAYERS: dict[str, type[AdapterLinear]] = {"lora": PissaLinear, "mora": MoraLinear, "full": FullLinear}
 
 
 def to_numpy(x: mx.array) -> np.ndarray:
@@ -91,13 +91,13 @@ def _freeze_all_but_adapters(model: nn.Module) -> None:
     # Each layer names its own trainable parameters; nothing is matched by name suffix.
     model.freeze()
     for _, layer in pissa_layers(model):
-        layer.unfreeze(keys=list(layer.PARAMS), recurse=False)
+        layer.unfreeze_params()
 
 
 def adapter_keys(model: nn.Module) -> set[str]:
     """The flattened parameter names ("model.layers.0.self_attn.q_proj.lora_A") of every adapter
     parameter, for code that must tell them from the frozen weights."""
-    return {f"{name}.{p}" for name, layer in pissa_layers(model) for p in layer.PARAMS}
+    return {f"{name}.{p}" for name, layer in pissa_layers(model) for p in layer.param_paths()}
 
 
 def quantized_residuals(model_dir: str | Path) -> set[str]:
@@ -138,7 +138,8 @@ def apply(model: nn.Module, spec: AdapterSpec, adapter: Adapter | None = None,
         w = linear.weight
         if adapter is not None:
             dtype = linear.scales.dtype if isinstance(linear, nn.QuantizedLinear) else w.dtype
-            params = tuple(from_numpy(x).astype(dtype) for x in adapter.factors[peft(name)])
+            # .get: full fine-tuning's init stores nothing, the layer then trains its own weight
+            params = tuple(from_numpy(x).astype(dtype) for x in adapter.factors.get(peft(name), ()))
         else:
             ops = ops or make_ops(device)
             result = kind.init([to_numpy(w.astype(mx.float32))], [peft(name)], spec, ops)[0]

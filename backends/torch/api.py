@@ -21,7 +21,7 @@ from pissa.formats import peft as peft_format
 from pissa.formats.peft import Adapter
 from pissa.formats.peft import check_fits as _check_fits
 from pissa.spec import AdapterSpec
-from pissa_torch.layer import AdapterLinear, PissaLinear, dense_weight, weight_shape
+from pissa_torch.layer import AdapterLinear, FullLinear, PissaLinear, dense_weight, weight_shape
 from pissa_torch.mora import MoraLinear
 from pissa_torch.ops import make_ops
 from pissa_torch.quantized import AffineQuantLinear, compute_dtype, is_quantized, load_base
@@ -44,7 +44,7 @@ def from_numpy(a: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(a)
 
 
-LAYERS: dict[str, type[AdapterLinear]] = {"lora": PissaLinear, "mora": MoraLinear}
+LAYERS: dict[str, type[AdapterLinear]] = {"lora": PissaLinear, "mora": MoraLinear, "full": FullLinear}
 
 
 def pissa_layers(model: nn.Module) -> Iterator[tuple[str, AdapterLinear]]:
@@ -113,7 +113,8 @@ def apply(model: nn.Module, spec: AdapterSpec, adapter: Adapter | None = None,
     kind = spec.kind_module
     for name, linear in targets.items():
         if adapter is not None:
-            params = tuple(from_numpy(x).to(compute_dtype(linear)) for x in adapter.factors[name])
+            # .get: full fine-tuning's init stores nothing, the layer then trains its own weight
+            params = tuple(from_numpy(x).to(compute_dtype(linear)) for x in adapter.factors.get(name, ()))
         else:
             w = dense_weight(linear)  # [out, in], a view of a Conv1D's [in, out] weight
             ops = make_ops(device or str(w.device))

@@ -4,7 +4,8 @@ wrapping and unwrapping itself in the mlx-lm style (from_base / fuse):
 - AdapterLinear: what every kind shares: the frozen base, merge / unmerge / fuse through the
   kind's dense update delta(), and the names of its trainable parameters (PARAMS);
 - PissaLinear (kind "lora"): W_res plus the trainable factors A [r, in] and B [out, r],
-  y = base(x) + s * (dropout(x) A^T) B^T. MoraLinear lives in pissa_torch.mora.
+  y = base(x) + s * (dropout(x) A^T) B^T. MoraLinear lives in pissa_torch.mora;
+- FullLinear (kind "full"): full fine-tuning, the base weight itself trains.
 The base is an nn.Linear, or for QPiSSA a quantised one (a bitsandbytes Linear4bit or an
 AffineQuantLinear, see pissa_torch.quantized) holding deq(Q(W_res)): forward and fuse work on
 it, merge refuses (adding s*B@A into a quantised weight would re-quantise it, which changes
@@ -149,3 +150,46 @@ class PissaLinear(AdapterLinear):
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, scale={self.scale:g}, merged={self.merged}"
+
+
+class FullLinear(AdapterLinear):
+    """Full fine-tuning of one linear layer: its weight is the trainable parameter (the bias, if
+    any, stays frozen like every other non-target weight). y = base(x); nothing to merge."""
+
+    KIND = "full"
+    PARAMS = ("weight",)
+
+    def __init__(self, base: nn.Module, W: torch.Tensor | None = None):
+        if is_quantized(base):
+            raise PissaError("full fine-tuning needs float weights, not a quantised layer")
+        if is_conv1d(base):  # its parameter would be the [in, out] weight, against every file's [out, in]
+            raise PissaError("full fine-tuning of transformers' Conv1D layers (GPT-2) is not supported yet")
+        super().__init__(base)
+        if W is not None:
+            if tuple(W.shape) != tuple(base.weight.shape):
+                raise ValueError(f"weight {tuple(W.shape)} does not fit {tuple(base.weight.shape)}")
+            with torch.no_grad():
+                base.weight.copy_(W)
+
+    @classmethod
+    def from_params(cls, base: nn.Module, params: tuple[torch.Tensor, ...], spec) -> "FullLinear":
+        """No params (the init): train the base weight as it is; (W,): start from W."""
+        return cls(base, params[0] if params else None)
+
+    def params(self) -> tuple[nn.Parameter, ...]:
+        return (self.base.weight,)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x)
+
+    def delta(self) -> torch.Tensor:
+        return torch.zeros_like(self.base.weight)
+
+    def merge(self) -> None:
+        """Nothing to do: the trained weight is the layer's weight."""
+
+    def unmerge(self) -> None:
+        """Nothing to do."""
+
+    def fuse(self) -> nn.Module:
+        return self.base

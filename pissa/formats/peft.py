@@ -117,7 +117,8 @@ def check_fits(adapter: Adapter, shapes: Mapping[str, tuple[int, int]]) -> None:
             every shape mismatch.
     """
     problems = [f"{m}: not a target linear layer of this model" for m in adapter.factors if m not in shapes]
-    problems += [f"{m}: no adapter weights" for m in shapes if m not in adapter.factors]
+    if not adapter.spec.kind_module.EMPTY_INIT:  # full fine-tuning's init stores no weights
+        problems += [f"{m}: no adapter weights" for m in shapes if m not in adapter.factors]
     problems += misfits(adapter, {m: s for m, s in shapes.items() if m in adapter.factors})
     if problems:
         raise PissaError(f"the adapter does not fit this model ({len(problems)} problem(s)): " + "; ".join(problems))

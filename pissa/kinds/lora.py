@@ -23,6 +23,8 @@ NAME = "lora"
 INITS = ("pissa", "pissa-fast", "lora")
 TENSORS = ("lora_A", "lora_B")
 RECORDS_SHAPES = False  # pissa_config.json "shapes": [out, in] of each module
+EMPTY_INIT = False
+OUTPUT = "adapter"
 RESIDUAL = True
 
 
@@ -66,6 +68,11 @@ def delta(spec, params: tuple[np.ndarray, ...], shape: tuple[int, int], dtype=np
     """s * B @ A [out, in], computed in `dtype` (float64: the oracle; merge uses float32)."""
     A, B = params
     return (B.astype(dtype) @ A.astype(dtype)) * dtype(scale(spec))
+
+
+def merged(spec, params: tuple[np.ndarray, ...], W: np.ndarray) -> np.ndarray:
+    """W + dW in float32 (the arithmetic `pissa merge` has always used)."""
+    return W.astype(np.float32) + delta(spec, params, W.shape, np.float32)
 
 
 def peft_fields(spec) -> dict[str, Any]:

@@ -38,6 +38,8 @@ NAME = "mora"
 INITS = ("mora",)
 TENSORS = ("lora_A",)
 RECORDS_SHAPES = True  # pissa_config.json "shapes": [out, in] of each module
+EMPTY_INIT = False
+OUTPUT = "adapter"
 RESIDUAL = False
 TYPES = {"sharing": 1, "rotation": 6}   # our names -> the public code's mora_type numbers
 PEFT_KEYS = ("use_mora", "mora_type")
@@ -146,6 +148,11 @@ def delta(spec, params: tuple[np.ndarray, ...], shape: tuple[int, int], dtype=np
 
 
 # ---------------------------------------------------------------------- files and conversion
+def merged(spec, params: tuple[np.ndarray, ...], W: np.ndarray) -> np.ndarray:
+    """W + dW in float32 (the arithmetic `pissa merge` has always used)."""
+    return W.astype(np.float32) + delta(spec, params, W.shape, np.float32)
+
+
 def peft_fields(spec) -> dict[str, Any]:
     return {"use_mora": True, "mora_type": TYPES[spec.mora_type]}
 

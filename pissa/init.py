@@ -24,6 +24,7 @@ from pissa.formats import hf
 from pissa.formats.peft import Adapter, save_adapter
 from pissa.formats import quantized as qformat
 from pissa.formats.safetensors import np_dtype
+from pissa.layouts import base_model_info
 from pissa.loaders import open_model
 from pissa.ops import get_ops
 from pissa.qpissa import check_backend, decompose_quantized, summarize, table
@@ -88,10 +89,16 @@ def run_init(model: str, out: str | Path, spec: AdapterSpec, *, backend: str = "
     targets = set(spec.resolve(shapes))
     ops = get_ops(backend, device)
     dtype = np_dtype(spec.dtype)
+    if spec.kind == "full" and source.layout.conv1d:  # its trained "adapter" is the stored [in, out] weight
+        raise PissaError(f"--init full does not support {source.layout.model_type}'s Conv1D layers yet; use "
+                         "--init pissa, pissa-fast, lora or mora")
     if quantize is not None:
         if quant_iters < 1:
             raise PissaError(f"--quant-iters {quant_iters} is not allowed; give 1 or more (5 is the paper's)")
         check_backend(ops, quantize)
+        if source.layout.conv1d:  # neither bitsandbytes' nor MLX's layout has a transposed weight
+            raise PissaError(f"--quantize does not support {source.layout.model_type}'s Conv1D layers (weights "
+                             "stored [in, out]); run pissa init without --quantize")
         if spec.init not in ("pissa", "pissa-fast"):
             raise PissaError(f"--quantize needs --init pissa or pissa-fast, not {spec.init}")
         for module in sorted(targets):
@@ -103,7 +110,7 @@ def run_init(model: str, out: str | Path, spec: AdapterSpec, *, backend: str = "
     for step in steps:
         for name in step:
             if quantize is not None and name[: -len(".weight")] in targets:
-                plan += qformat.plan(name[: -len(".weight")], shapes[name], quantize)
+                plan += qformat.plan(name[: -len(".weight")], shapes[name], quantize, spec.dtype)
             else:
                 plan.append((name, dtype, shapes[name]))
     factors: dict[str, tuple[np.ndarray, ...]] = {}
@@ -112,7 +119,7 @@ def run_init(model: str, out: str | Path, spec: AdapterSpec, *, backend: str = "
     bar = tqdm(total=len(targets), desc=f"pissa init ({backend}, {spec.init})", unit="matrix",
                disable=not progress, file=sys.stderr)
     with hf.atomic_dir(out, force) as tmp:
-        writer = hf.ModelWriter(tmp, plan, max_shard_bytes)
+        writer = hf.ModelWriter(tmp, plan, max_shard_bytes, layout=source.layout.for_writing())
         for step in steps:
             arrays = [source.get(name) for name in step]
             if not np.issubdtype(arrays[0].dtype, np.floating):
@@ -160,6 +167,7 @@ def run_init(model: str, out: str | Path, spec: AdapterSpec, *, backend: str = "
                 "source": model}
         if kind.RECORDS_SHAPES:  # the parameters alone do not give the weight's [out, in]
             info["shapes"] = {m: list(shapes[m + ".weight"]) for m in sorted(factors)}
+        info.update(base_model_info(source.layout, sorted(factors)))
         if quantize is not None:
             info["quantization"] = {"scheme": quantize.name, "group_size": quantize.group_size,
                                     "quant_iters": quant_iters}

@@ -19,14 +19,15 @@ from typing import Any, Protocol
 import numpy as np
 from tqdm.auto import tqdm
 
-from pissa.data import Dataset, batch_indices, collate, load_dataset, pad_id
+from pissa.data import Dataset, batch_indices, collate, load_dataset, load_tokenizer, pad_id
 from pissa.errors import PissaError
 from pissa.formats import peft as peft_format
 from pissa.formats.peft import Adapter
-from pissa.training import RunDir, TrainConfig, initial_adapter, lr_at, save_config
+from pissa.layouts import BASE_MODEL_INFO
+from pissa.training import RunDir, TrainConfig, init_fingerprint, initial_adapter, lr_at, save_config
 
 # pissa_config.json fields of the init that every adapter of the run carries on.
-_INHERITED = ("shapes",)
+_INHERITED = ("shapes", *BASE_MODEL_INFO)
 
 
 @dataclass
@@ -62,11 +63,9 @@ def prepare(model_dir: str | Path, data: str | Path, out: str | Path, cfg: Train
         PissaError: a model folder without pissa_init, an adapter of another init, bad data, or a
             run folder that is not empty (without --resume / --force) or has no checkpoint to resume.
     """
-    from transformers import AutoTokenizer
-
     model_dir = Path(model_dir)
     start, init = initial_adapter(model_dir, adapter)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = load_tokenizer(model_dir)
     train_set = load_dataset(data, tokenizer, cfg.max_seq_len)
     eval_set = load_dataset(eval_data, tokenizer, cfg.max_seq_len) if eval_data else None
     for ds in filter(None, (train_set, eval_set)):
@@ -79,7 +78,7 @@ def prepare(model_dir: str | Path, data: str | Path, out: str | Path, cfg: Train
         start = peft_format.load_adapter(checkpoint / "adapter")
         step = int(json.loads((checkpoint / "state.json").read_text())["step"])
         folder.truncate_metrics(step)
-    info = {"role": "trained", "init_fingerprint": init.info["fingerprint"], "source": init.info.get("source"),
+    info = {"role": "trained", "init_fingerprint": init_fingerprint(init), "source": init.info.get("source"),
             **{k: init.info[k] for k in _INHERITED if k in init.info}}
     save_config(folder, cfg, {"backend": backend, "model_dir": str(model_dir.absolute()), "data": str(data),
                               "spec": start.spec.to_dict(), **(config or {})})

@@ -41,7 +41,7 @@ def run_merge(model: str, adapter_dir: str | Path, out: str | Path, *, force: bo
         store = "float32"
     dt = np_dtype(store)
     with hf.atomic_dir(out, force) as tmp:
-        writer = hf.ModelWriter(tmp, [(n, dt, s) for n, s in shapes.items()])
+        writer = hf.ModelWriter(tmp, [(n, dt, s) for n, s in shapes.items()], layout=source.layout.for_writing())
         for name in tqdm(shapes, desc="pissa merge", unit="tensor", disable=not progress):
             W = source.get(name)
             module = name[: -len(".weight")]

@@ -16,6 +16,7 @@ import numpy as np
 
 from pissa.errors import PissaError
 from pissa.formats.safetensors import StreamWriter
+from pissa.layouts import Layout
 
 DEFAULT_SHARD_BYTES = 2 * 1024**3
 
@@ -35,6 +36,8 @@ def model_config(config: Mapping, dtype: str) -> dict:
         cfg.setdefault("rope_theta", rope["rope_theta"])
     elif "rope_theta" in cfg and cfg.get("model_type") == "llama":
         cfg["rope_parameters"] = {"rope_type": "default", "rope_theta": cfg["rope_theta"], **(rope or {})}
+    if cfg.get("model_type") == "gpt2" and "n_positions" in cfg:
+        cfg.setdefault("n_ctx", cfg["n_positions"])  # mlx-lm requires it; transformers 5 no longer writes it
     cfg["dtype"] = dtype
     cfg["torch_dtype"] = dtype  # transformers < 5 reads this name
     return cfg
@@ -47,11 +50,15 @@ class ModelWriter:
         folder: an existing folder.
         plan: (name, numpy dtype, shape) of every tensor, in the order write() receives them.
         max_shard_bytes: shard size limit (a tensor larger than it gets a shard of its own).
+        layout: how to store them (pissa.layouts): plan, write() and the files' names and shapes
+            differ only for GPT-2-family models, whose Conv1D weights are stored [in, out].
     """
 
     def __init__(self, folder: Path, plan: Sequence[tuple[str, np.dtype, tuple[int, ...]]],
-                 max_shard_bytes: int = DEFAULT_SHARD_BYTES):
+                 max_shard_bytes: int = DEFAULT_SHARD_BYTES, layout: Layout = Layout()):
         self.folder = Path(folder)
+        self.layout = layout
+        plan = [(layout.stored_name(n), d, layout.shape(n, s)) for n, d, s in plan]
         shards: list[list[tuple[str, np.dtype, tuple[int, ...]]]] = [[]]
         size = 0
         for item in plan:
@@ -71,6 +78,7 @@ class ModelWriter:
         self._writer = StreamWriter(self.folder / self._files[0], shards[0], {"format": "pt"})
 
     def write(self, name: str, array: np.ndarray) -> None:
+        name, array = self.layout.stored_name(name), self.layout.store(name, array)
         if self._left == 0:
             self._writer.close()
             self._index += 1

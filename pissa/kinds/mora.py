@@ -12,12 +12,12 @@ With L = ceil(in / r_hat) r_hat, x is first padded to length L by wrapping (x_pa
   The L outputs are then folded onto `out`: tiled and truncated when L <= out, and, when L > out,
   summed modulo out. dW = T blockdiag(M R_b) P: full rank in general.
 
-Two defects of the public code are fixed here (REFERENCE.md section 5). For rotation with L > out
-it truncates the L outputs to `out`, so the inputs of the blocks past `out` never reach dW
-(886 of SmolLM2-135M's 1536 down_proj inputs at r = 8); we sum the blocks past `out` onto the
-first ones instead. And its rotation merge fails when in <= r_hat; ours is the dense product
-below, defined for every shape, as is the wrap padding when in < r_hat (the public forward
-pads with x[:pad], which is too short then).
+Two defects of the public code (kongds/MoRA, peft-mora/src/peft/tuners/lora/layer.py) are fixed
+here. For rotation with L > out it truncates the L outputs to `out`, so the inputs of the blocks
+past `out` never reach dW (886 of SmolLM2-135M's 1536 down_proj inputs at r = 8); we sum the
+blocks past `out` onto the first ones instead. And its rotation merge fails when in <= r_hat;
+ours is the dense product below, defined for every shape, as is the wrap padding when
+in < r_hat (the public forward pads with x[:pad], which is too short then).
 
 File layout (the public code's): M is stored as "lora_A" ([r_hat, r_hat]), and adapter_config.json
 carries "use_mora": true and "mora_type": 1 (sharing) or 6 (rotation) beside PEFT's fields.
@@ -32,6 +32,7 @@ import numpy as np
 
 from pissa.errors import PissaError
 from pissa.kinds import Init
+from pissa.layouts import BASE_MODEL_INFO
 
 NAME = "mora"
 INITS = ("mora",)
@@ -213,4 +214,5 @@ def to_lora(initial, trained):
     lora = AdapterSpec(rank=rank, alpha=float(rank), targets=tuple(sorted(factors)), init="lora",
                        dtype=spec.dtype, compute_dtype=spec.compute_dtype)
     return type(trained)(lora, factors, base_model=trained.info.get("source") or trained.base_model,
-                         info={"role": "lora", "converted_from": "mora-sharing"})
+                         info={"role": "lora", "converted_from": "mora-sharing",
+                               **{k: trained.info[k] for k in BASE_MODEL_INFO if k in trained.info}})

@@ -83,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="values per quantisation block or group (default 64)")
     q.add_argument("--quant-iters", type=_positive_int, default=1,
                    help="QPiSSA iterations: re-decompose W - deq(Q(W_res)) this many times (default 1; paper: 5)")
+    q.add_argument("--no-kl", action="store_true",
+                   help="with --quantize: skip the step-0 KL against QLoRA (it runs the model three times)")
     _dist_args(q)
     q.set_defaults(func=_cmd_init)
 
@@ -145,6 +147,36 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     e.set_defaults(func=_cmd_eval)
 
+    k = sub.add_parser("compare", help="learning against forgetting: full fine-tuning, LoRA, PiSSA, MoRA (and "
+                                       "QPiSSA) over learning rates and ranks",
+                       description="Runs pissa init + pissa train for every (method, rank, lr), measures each "
+                                   "checkpoint (target exact match and loss; loss and KL on general text; a "
+                                   "knowledge probe) and writes OUT/results.jsonl, pareto.png, lr.png, report.md. "
+                                   "Run it again to continue: finished runs are reused.")
+    k.add_argument("model", nargs="?", default=None,
+                   help="the base model, as for pissa init (default: the preset's)")
+    k.add_argument("--data", default=None, help="target training data, .jsonl")
+    k.add_argument("--eval-data", default=None, help="held-out target data, .jsonl (prompt/completion or messages)")
+    k.add_argument("--out", required=True, help="output folder")
+    k.add_argument("--preset", default=None, help="smollm2: the documented SmolLM2-135M sweep (about an hour on "
+                                                  "2 CPU cores with torch); other options override it")
+    k.add_argument("--methods", default=None, help="comma-separated: full,lora,pissa,mora,qpissa")
+    k.add_argument("--lrs", default=None, help="comma-separated learning rates (default 2e-5,2e-4)")
+    k.add_argument("--ranks", default=None, help="comma-separated adapter ranks (default 16)")
+    k.add_argument("--steps", type=_positive_int, default=None, help="training steps per run (default 100)")
+    k.add_argument("--eval-at", default=None, help="comma-separated steps to measure (default: half and the end)")
+    k.add_argument("--batch-size", type=_positive_int, default=None, help="sequences per step (default 4)")
+    k.add_argument("--max-seq-len", type=_positive_int, default=None, help="tokens per sequence (default 256)")
+    k.add_argument("--eval-limit", type=_positive_int, default=None, help="target records measured (default 32)")
+    k.add_argument("--general-tokens", type=_positive_int, default=None,
+                   help="tokens of general text measured (default 2048)")
+    k.add_argument("--probe-limit", type=_non_negative_int, default=None,
+                   help="probe questions measured (default: all)")
+    k.add_argument("--backend", default="auto", help="torch or mlx (default: mlx on Apple silicon, else torch)")
+    k.add_argument("--force", action="store_true", help="start over in a non-empty --out")
+    k.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    k.set_defaults(func=_cmd_compare)
+
     g = sub.add_parser("generate", help="one greedy answer to a prompt")
     _inference_args(g)
     g.add_argument("--prompt", required=True, help="the user message (the chat template is applied)")
@@ -184,11 +216,13 @@ def _cmd_init(args: argparse.Namespace) -> int:
     group = dist.current(args.dist_timeout)
     summary = run_init(args.model, args.out, spec, backend=args.backend, device=args.device,
                        force=args.force, progress=not args.no_progress, svd_batch=args.svd_batch,
-                       quantize=scheme, quant_iters=args.quant_iters, group=group)
+                       quantize=scheme, quant_iters=args.quant_iters, step0_kl=not args.no_kl, group=group)
     if group.rank != 0:
         return 0
     if summary.quant_table:
         print(summary.quant_table)
+    if summary.kl_line:
+        print(summary.kl_line)
     print(summary.line())
     return 0
 
@@ -287,6 +321,39 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     answer = __import__(f"pissa_{backend}.evaluate", fromlist=["answer"]).answer
     kwargs = {"device": args.device}
     print(answer(args.model_dir, args.prompt, adapter=args.adapter, max_new_tokens=args.max_new_tokens, **kwargs))
+    return 0
+
+
+def _numbers(text: str | None, kind, name: str):
+    if text is None:
+        return None
+    try:
+        return tuple(kind(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise PissaError(f"--{name} takes comma-separated {kind.__name__}s, got {text!r}") from None
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from pissa.compare import PRESETS, Grid, run_compare
+
+    preset: dict = {}
+    if args.preset is not None:
+        if args.preset not in PRESETS:
+            raise PissaError(f"unknown --preset {args.preset!r}; choose one of {', '.join(PRESETS)}")
+        preset = dict(PRESETS[args.preset])
+    given = {"methods": _numbers(args.methods, str, "methods"), "lrs": _numbers(args.lrs, float, "lrs"),
+             "ranks": _numbers(args.ranks, int, "ranks"), "eval_at": _numbers(args.eval_at, int, "eval-at"),
+             "steps": args.steps, "batch_size": args.batch_size, "max_seq_len": args.max_seq_len,
+             "eval_limit": args.eval_limit, "general_tokens": args.general_tokens, "probe_limit": args.probe_limit}
+    fields = {k: v for k, v in preset.items() if k in Grid.__dataclass_fields__}
+    fields.update({k: v for k, v in given.items() if v is not None})
+    model = args.model or preset.get("model")
+    data, eval_data = args.data or preset.get("data"), args.eval_data or preset.get("eval_data")
+    if not (model and data and eval_data):
+        raise PissaError("pissa compare needs MODEL, --data and --eval-data (or --preset smollm2)")
+    report = run_compare(model, data, eval_data, args.out, Grid(**fields), backend=_training_backend(args.backend),
+                         force=args.force, progress=not args.no_progress)
+    print(f"pissa compare: report in {report}")
     return 0
 
 

@@ -2,7 +2,10 @@
 
 The layout is the official PiSSA scripts'. Tensors stream through one at a time: a target is
 decomposed and its residual written before the next is read, so peak memory follows the largest
-matrix, not the model. For an adapter kind that leaves the base weights alone (MoRA), OUT/ holds
+matrix, not the model. For an adapter kind that leaves the base weights alone (MoRA, full
+fine-tuning), OUT/ holds the model's own weights, stored in the spec's dtype (so a GGUF or
+quantised input becomes a folder transformers and mlx-lm load), and OUT/pissa_init/ the adapter
+at its starting point. For an adapter kind that leaves the base weights alone (MoRA), OUT/ holds
 the model's own weights, stored in the spec's dtype (so a GGUF or quantised input becomes a folder
 transformers and mlx-lm load), and OUT/pissa_init/ the adapter at its starting point.
 """
@@ -24,6 +27,7 @@ from pissa.formats import hf
 from pissa.formats.peft import Adapter, save_adapter
 from pissa.formats import quantized as qformat
 from pissa.formats.safetensors import np_dtype
+from pissa.layouts import base_model_info
 from pissa.loaders import open_model
 from pissa.ops import get_ops
 from pissa.qpissa import check_backend, decompose_quantized, summarize, table
@@ -44,6 +48,7 @@ class InitSummary:
     quant_table: str | None = None
     verb: str = "decomposed"
     ranks: int = 1
+    kl_line: str | None = None      # QPiSSA: the step-0 KL against QLoRA (pissa.stepzero)
 
     def line(self) -> str:
         where = f" on {self.ranks} ranks" if self.ranks > 1 else ""
@@ -61,7 +66,8 @@ def peak_rss_mib() -> float:
 def run_init(model: str, out: str | Path, spec: AdapterSpec, *, backend: str = "numpy",
              device: str | None = None, force: bool = False, progress: bool = True,
              max_shard_bytes: int = hf.DEFAULT_SHARD_BYTES, svd_batch: int | None = None,
-             quantize: QuantScheme | None = None, quant_iters: int = 1, group=None) -> InitSummary:
+             quantize: QuantScheme | None = None, quant_iters: int = 1, step0_kl: bool = False,
+             group=None) -> InitSummary:
     """Decompose every target of `model` and write OUT/ (residual) and OUT/pissa_init/ (adapter).
 
     Args:
@@ -75,6 +81,8 @@ def run_init(model: str, out: str | Path, spec: AdapterSpec, *, backend: str = "
         quantize: QPiSSA: quantise every target's residual with this scheme (pissa.quant), refined
             over quant_iters iterations (pissa.qpissa); the residual model is then written in the
             scheme's quantised layout (pissa.formats.quantized) with OUT/quant_report.json.
+        step0_kl: QPiSSA only: also measure the step-0 KL per token from the original model,
+            against QLoRA's (pissa.stepzero), on the torch or MLX backend; it goes into the report.
         group: the ranks to split the work over (pissa.dist); default: the launcher's (torchrun,
             mlx.launch), or this process alone. Across ranks the folder is byte for byte the one a
             single process writes (pissa.init_ranks).
@@ -88,14 +96,14 @@ def run_init(model: str, out: str | Path, spec: AdapterSpec, *, backend: str = "
     start = time.perf_counter()
     group = group or dist.current()
     job = dist.agree(group, lambda: Job(model, Path(out), spec, backend, device, force, svd_batch, quantize,
-                                        quant_iters), what="checking the model and options")
+                                        quant_iters, step0_kl), what="checking the model and options")
     if group.size > 1:
         from pissa.init_ranks import run_ranks
 
         return run_ranks(job, group, start, progress, max_shard_bytes)
     bar = job.bar(len(job.targets), progress)
     with hf.atomic_dir(job.out, force) as tmp:
-        writer = hf.ModelWriter(tmp, job.plan, max_shard_bytes)
+        writer = hf.ModelWriter(tmp, job.plan, max_shard_bytes, layout=job.layout)
         for step in job.steps:
             job.run(step, writer, bar)
         writer.close()
@@ -110,19 +118,26 @@ class Job:
     single-process path runs every step; across ranks each rank runs its share (pissa.init_ranks)."""
 
     def __init__(self, model: str, out: Path, spec: AdapterSpec, backend: str, device: str | None, force: bool,
-                 svd_batch: int | None, quantize: QuantScheme | None, quant_iters: int):
+                 svd_batch: int | None, quantize: QuantScheme | None, quant_iters: int, step0_kl: bool = False):
         hf.check_out_dir(out, force)
         self.model, self.out, self.spec, self.backend = model, out, spec, backend
-        self.quantize, self.quant_iters = quantize, quant_iters
-        self.source = open_model(model)
+        self.quantize, self.quant_iters, self.step0_kl = quantize, quant_iters, step0_kl
+        self.source = source = open_model(model)
+        self.layout = source.layout.for_writing()  # GPT-2's Conv1D weights are stored [in, out]
         self.shapes = shapes = self.source.shapes()
         self.targets = targets = set(spec.resolve(shapes))
         self.ops = get_ops(backend, device)
         self.dtype = np_dtype(spec.dtype)
+        if spec.kind == "full" and source.layout.conv1d:  # its trained "adapter" is the stored [in, out] weight
+            raise PissaError(f"--init full does not support {source.layout.model_type}'s Conv1D layers yet; use "
+                             "--init pissa, pissa-fast, lora or mora")
         if quantize is not None:
             if quant_iters < 1:
                 raise PissaError(f"--quant-iters {quant_iters} is not allowed; give 1 or more (5 is the paper's)")
             check_backend(self.ops, quantize)
+            if source.layout.conv1d:  # neither bitsandbytes' nor MLX's layout has a transposed weight
+                raise PissaError(f"--quantize does not support {source.layout.model_type}'s Conv1D layers (weights "
+                                 "stored [in, out]); run pissa init without --quantize")
             if spec.init not in ("pissa", "pissa-fast"):
                 raise PissaError(f"--quantize needs --init pissa or pissa-fast, not {spec.init}")
             for module in sorted(targets):
@@ -133,11 +148,14 @@ class Job:
         for step in self.steps:
             for name in step:
                 if quantize is not None and name[: -len(".weight")] in targets:
-                    self.plan += qformat.plan(name[: -len(".weight")], shapes[name], quantize)
+                    self.plan += qformat.plan(name[: -len(".weight")], shapes[name], quantize, spec.dtype)
                 else:
                     self.plan.append((name, self.dtype, shapes[name]))
         self.factors: dict[str, tuple[np.ndarray, ...]] = {}
+        # EMPTY_INIT kinds (full fine-tuning) store no parameters; their fingerprint hashes the weights.
+        self.digests: dict[str, tuple[np.ndarray, ...]] = {}
         self.entries: dict[str, dict] = {}
+        self.kl_line: str | None = None
         self.report: dict | None = None
         self.ranks = 1
 
@@ -164,6 +182,8 @@ class Job:
         elif modules[0] in targets:
             for name, module, result in zip(step, modules, self.kind.init(arrays, modules, spec, self.ops)):
                 self.factors[module] = result.params
+                if self.kind.EMPTY_INIT:
+                    self.digests[module] = (np.frombuffer(hashlib.sha256(result.base.tobytes()).digest(), np.uint8),)
                 writer.write(name, result.base)
             bar.update(len(step))
         else:
@@ -189,19 +209,44 @@ class Job:
             hf.write_json(tmp / "generation_config.json", self.source.generation_config)
         self.source.save_tokenizer(tmp)
         (tmp / ADAPTER_DIR).mkdir()
-        info = {"role": "pissa_init", "fingerprint": fingerprint(factors), "source": self.model}
+        info = {"role": "pissa_init", "fingerprint": fingerprint(self.digests if self.kind.EMPTY_INIT else factors),
+                "source": self.model}
         if self.kind.RECORDS_SHAPES:  # the parameters alone do not give the weight's [out, in]
             info["shapes"] = {m: list(shapes[m + ".weight"]) for m in sorted(factors)}
+        info.update(base_model_info(self.source.layout, sorted(factors)))
         if quantize is not None:
             info["quantization"] = {"scheme": quantize.name, "group_size": quantize.group_size,
                                     "quant_iters": self.quant_iters}
         save_adapter(tmp / ADAPTER_DIR, Adapter(spec, factors, base_model=str(self.out.absolute()), info=info))
+        if self.report is not None and self.step0_kl:
+            self.kl_line = _step0_kl(self.model, tmp, self.targets, quantize, spec, self.backend, self.report)
 
     def summary(self, seconds: float, peak_mib: float) -> InitSummary:
-        trainable = sum(p.size for params in self.factors.values() for p in params)
-        verb = "decomposed" if self.kind.RESIDUAL else f"started {self.spec.kind} ({self.spec.mora_type}) on"
+        if self.kind.EMPTY_INIT:
+            trainable = sum(int(np.prod(self.shapes[m + ".weight"])) for m in self.factors)
+        else:
+            trainable = sum(p.size for params in self.factors.values() for p in params)
+        spec = self.spec
+        verb = "decomposed" if self.kind.RESIDUAL else "started " + (
+            f"mora ({spec.mora_type})" if spec.kind == "mora" else spec.kind) + " on"
         return InitSummary(len(self.factors), trainable, seconds, peak_mib, self.out,
-                           quant_table=table(self.report) if self.report else None, verb=verb, ranks=self.ranks)
+                           quant_table=table(self.report) if self.report else None, verb=verb, ranks=self.ranks,
+                           kl_line=self.kl_line)
+
+
+def _step0_kl(model: str, folder: Path, targets: set[str], quantize: QuantScheme, spec: AdapterSpec,
+              backend: str, report: dict) -> str:
+    """Measure the step-0 KL of the finished folder (before its rename), add it to the report."""
+    from pissa import stepzero
+
+    runner = stepzero.kl_backend(backend)
+    if runner is None:
+        return "step-0 KL not measured: it needs the torch or MLX backend (pip install 'pissa[torch]')"
+    if not any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+        return "step-0 KL not measured: the model has no tokenizer to read the general text with"
+    report["step0_kl"] = stepzero.step0_kl(model, folder, targets, quantize, spec.dtype, runner)
+    hf.write_json(folder / QUANT_REPORT, report)
+    return stepzero.line(report["step0_kl"])
 
 
 def schedule(shapes: dict[str, tuple[int, ...]], targets: set[str], batch: int) -> list[list[str]]:

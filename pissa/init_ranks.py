@@ -74,7 +74,7 @@ def run_ranks(job, group, start: float, progress: bool, max_shard_bytes: int):
     summary; only rank 0's counts cover the whole model."""
     owner = dist.assign([cost(job, step) for step in job.steps], group.size)
     mine = [step for step, rank in zip(job.steps, owner) if rank == group.rank]
-    layout = hf.shard_layout(job.plan, max_shard_bytes)
+    layout = hf.shard_layout(hf.stored_plan(job.plan, job.layout), max_shard_bytes)
     first = group.rank == 0
 
     def create() -> int:
@@ -128,7 +128,7 @@ def _work(job, mine: list[list[str]], tmp: Path, layout, group, progress: bool) 
                          "every rank sees")
     count = sum(len(step) for step in mine if step[0][: -len(".weight")] in job.targets)
     bar = job.bar(count, progress and group.rank == 0, note=f", rank 0 of {group.size}")
-    writer = hf.PlacedModelWriter(tmp, layout)
+    writer = hf.PlacedModelWriter(tmp, layout, job.layout)
     try:
         for step in mine:
             job.run(step, writer, bar)
@@ -136,25 +136,36 @@ def _work(job, mine: list[list[str]], tmp: Path, layout, group, progress: bool) 
         writer.close()
         bar.close()
     tensors, entries = _part(tmp, group.rank)
-    save(tensors, {f"{m}|{i}": p for m, params in job.factors.items() for i, p in enumerate(params)})
-    entries.write_text(json.dumps(job.entries))  # floats round-trip exactly through repr
+    arrays = {f"{m}|{i}": p for m, params in job.factors.items() for i, p in enumerate(params)}
+    arrays.update({f"{m}|digest": d[0] for m, d in job.digests.items()})  # full fine-tuning: no parameters
+    save(tensors, arrays)
+    # floats round-trip exactly through repr; "modules" keeps the modules whose parameters are empty
+    entries.write_text(json.dumps({"entries": job.entries, "modules": list(job.factors)}))
 
 
 def _assemble(job, tmp: Path, layout, group) -> None:
     """Rank 0: gather every rank's factors and entries in the single-process order (the
     schedule's), finish the folder as a single process does, and rename it."""
     factors: dict[str, dict[int, np.ndarray]] = {}
+    digests: dict[str, np.ndarray] = {}
     entries: dict[str, dict] = {}
     for rank in range(group.size):
         tensors, report = _part(tmp, rank)
         for key, array in load(tensors).items():
             module, index = key.rsplit("|", 1)
-            factors.setdefault(module, {})[int(index)] = array
-        entries.update(json.loads(report.read_text()))
+            if index == "digest":
+                digests[module] = array
+            else:
+                factors.setdefault(module, {})[int(index)] = array
+        part = json.loads(report.read_text())
+        entries.update(part["entries"])
+        for module in part["modules"]:
+            factors.setdefault(module, {})
         tensors.unlink()
         report.unlink()
     order = [name[: -len(".weight")] for step in job.steps for name in step]
     job.factors = {m: tuple(factors[m][i] for i in sorted(factors[m])) for m in order if m in factors}
+    job.digests = {m: (digests[m],) for m in order if m in digests}
     job.entries = {m: entries[m] for m in order if m in entries}
     if len(job.factors) != len(job.targets):
         raise RuntimeError(f"{len(job.targets) - len(job.factors)} targets were decomposed by no rank")

@@ -27,14 +27,15 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from pissa import dist
-from pissa.data import IGNORE, Dataset, Example, batch_indices, collate, load_dataset, pad_id
+from pissa.data import IGNORE, Dataset, Example, batch_indices, collate, load_dataset, load_tokenizer, pad_id
 from pissa.errors import PissaError
 from pissa.formats import peft as peft_format
 from pissa.formats.peft import Adapter
-from pissa.training import CHECKPOINTS, RunDir, TrainConfig, initial_adapter, lr_at, save_config
+from pissa.layouts import BASE_MODEL_INFO
+from pissa.training import CHECKPOINTS, RunDir, TrainConfig, init_fingerprint, initial_adapter, lr_at, save_config
 
 # pissa_config.json fields of the init that every adapter of the run carries on.
-_INHERITED = ("shapes",)
+_INHERITED = ("shapes", *BASE_MODEL_INFO)
 
 
 @dataclass
@@ -75,15 +76,13 @@ def prepare(model_dir: str | Path, data: str | Path, out: str | Path, cfg: Train
             run folder that is not empty (without --resume / --force) or has no checkpoint to
             resume, or a global batch smaller than the number of ranks.
     """
-    from transformers import AutoTokenizer
-
     group = group or dist.current()
     if cfg.batch_size < group.size:
         raise PissaError(f"--batch-size {cfg.batch_size} is the global batch, split over {group.size} ranks; "
                          f"give at least {group.size}")
     model_dir = Path(model_dir)
     start, init = initial_adapter(model_dir, adapter)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = load_tokenizer(model_dir)
     train_set = load_dataset(data, tokenizer, cfg.max_seq_len)
     eval_set = load_dataset(eval_data, tokenizer, cfg.max_seq_len) if eval_data else None
     for ds in filter(None, (train_set, eval_set)):
@@ -118,7 +117,7 @@ def prepare(model_dir: str | Path, data: str | Path, out: str | Path, cfg: Train
         return peft_format.load_adapter(checkpoint / "adapter") if checkpoint is not None else None
 
     resumed = dist.agree(group, read_checkpoint, what="reading the checkpoint")
-    info = {"role": "trained", "init_fingerprint": init.info["fingerprint"], "source": init.info.get("source"),
+    info = {"role": "trained", "init_fingerprint": init_fingerprint(init), "source": init.info.get("source"),
             **{k: init.info[k] for k in _INHERITED if k in init.info}}
     return Run(cfg, model_dir, folder, tokenizer, train_set, eval_set, pad_id(tokenizer), resumed or start, init,
                max(step, 0), checkpoint, info, group)
@@ -151,7 +150,7 @@ class Steps(Protocol):
 
 def run_loop(run: Run, steps: Steps, *, desc: str, progress: bool = True) -> dict:
     """Train from run.step to run.cfg.steps, then write RUN_DIR/adapter, RUN_DIR/lora (when the
-    adapter kind has an exact LoRA form) and loss.png.
+    adapter kind has an exact LoRA form) and loss.png; for full fine-tuning RUN_DIR/model.
 
     Ctrl-C saves a checkpoint and re-raises KeyboardInterrupt (under a launcher, rank 0 saves its
     replica; a sharded model, whose state only all ranks together hold, keeps the last
@@ -231,7 +230,7 @@ def run_loop(run: Run, steps: Steps, *, desc: str, progress: bool = True) -> dic
         save(step, final)
 
     def finish() -> None:
-        folder.finish(final, run.init)
+        folder.finish(final, run.init, run.model_dir)
         folder.plot()
 
     dist.agree(group, finish, what="writing the run folder", on=(0,))

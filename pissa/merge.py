@@ -1,7 +1,8 @@
 """`pissa merge`: a model folder plus an adapter -> one full model folder, W + dW.
 
 Works for a residual model with its (trained) PiSSA adapter (dW = s*B@A), for an original model
-with a converted LoRA, and for a model with a MoRA adapter (dW from pissa.kinds.mora).
+with a converted LoRA, for a model with a MoRA adapter (dW from pissa.kinds.mora), and for full
+fine-tuning's trained weights (they replace the model's): each kind's merged().
 Backend-neutral, streamed tensor by tensor like pissa init.
 """
 
@@ -9,10 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 from tqdm.auto import tqdm
 
-from pissa.convert import delta
 from pissa.errors import PissaError
 from pissa.formats import hf
 from pissa.formats.peft import load_adapter, misfits
@@ -42,12 +41,12 @@ def run_merge(model: str, adapter_dir: str | Path, out: str | Path, *, force: bo
         store = "float32"
     dt = np_dtype(store)
     with hf.atomic_dir(out, force) as tmp:
-        writer = hf.ModelWriter(tmp, [(n, dt, s) for n, s in shapes.items()])
+        writer = hf.ModelWriter(tmp, [(n, dt, s) for n, s in shapes.items()], layout=source.layout.for_writing())
         for name in tqdm(shapes, desc="pissa merge", unit="tensor", disable=not progress):
             W = source.get(name)
             module = name[: -len(".weight")]
             if module in adapter.factors:
-                W = W.astype(np.float32) + delta(adapter, module, W.shape)
+                W = adapter.spec.kind_module.merged(adapter.spec, adapter.factors[module], W)
             writer.write(name, W.astype(dt))
         writer.close()
         hf.write_json(tmp / "config.json", hf.model_config(source.config, store))

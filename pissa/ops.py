@@ -56,10 +56,11 @@ class Ops(Protocol):
         dtype. Always rounds through float32 first, so a float64 value meets the same double
         rounding on every backend."""
 
-    def quantize(self, x: Array, scheme: Any) -> tuple[Any, Array]:
+    def quantize(self, x: Array, scheme: Any, dtype: str = "float32") -> tuple[Any, Array]:
         """QPiSSA: (pissa.quant.QTensor on the host, bit-identical to pissa.quant's reference;
-        deq(Q(x)) on the device in x's dtype) for x [out, in]. May raise ValueError for a scheme
-        not in quant_schemes."""
+        deq(Q(x)) on the device in x's dtype) for x [out, in] holding values of a weight stored in
+        `dtype` (quantised from that dtype, as the library quantises such a weight). May raise
+        ValueError for a scheme not in quant_schemes."""
 
     def svdvals(self, x: Array) -> Array:
         """Singular values of x [m, n], descending, in x's dtype."""
@@ -101,15 +102,15 @@ class NumpyOps:
     def round_to(self, x: np.ndarray, dtype: str) -> np.ndarray:
         return x.astype(np.float32).astype(np_dtype(dtype)).astype(x.dtype)
 
-    def quantize(self, x: np.ndarray, scheme):
-        """Quantise x [out, in] (compute dtype, values representable in float32).
+    def quantize(self, x: np.ndarray, scheme, dtype: str = "float32"):
+        """Quantise x [out, in] (compute dtype, values of the storage dtype `dtype`).
 
         Returns (QTensor with codes and scales on the host, bit-identical to pissa.quant's
         reference; deq(Q(x)) on the device in x's dtype).
         """
         from pissa import quant
 
-        q = quant.quantize(np.asarray(x, dtype=np.float32), scheme)
+        q = quant.quantize(np.asarray(x, dtype=np.float32), scheme, dtype)
         return q, quant.dequantize(q).astype(x.dtype)
 
     def svdvals(self, x: np.ndarray) -> np.ndarray:

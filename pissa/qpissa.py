@@ -14,7 +14,8 @@ The error after each iteration is E_t = || W - deq(Q_t) - s B_t A_t ||_* (nuclea
 QLoRA's is || W - deq(quantise(W)) ||_*; the reduction is 1 - E / E_qlora.
 
 Everything but the quantiser runs in the spec's compute dtype; the quantiser takes the residual
-rounded to the storage dtype, as it would be stored, in float32.
+rounded to the storage dtype, as it would be stored, and quantises it as bitsandbytes and MLX
+quantise a weight of that dtype (pissa.quant): QLoRA's error likewise quantises W as stored.
 """
 
 from __future__ import annotations
@@ -88,7 +89,7 @@ def decompose_quantized(W: np.ndarray, name: str, spec: AdapterSpec, ops: Ops, s
         if spec.init == "pissa-fast":
             k = min(r + spec.oversampling, *W.shape)
             omega = ops.asarray(sketch_matrix(W.shape[1], k, spec.seed, name), spec.compute_dtype)
-        _, deq_w = ops.quantize(ops.round_to(Wd, spec.dtype), s)
+        _, deq_w = ops.quantize(ops.round_to(Wd, spec.dtype), s, spec.dtype)
         error_qlora = _nuclear(Wd - deq_w, ops)
         del deq_w
         R = Wd
@@ -101,7 +102,7 @@ def decompose_quantized(W: np.ndarray, name: str, spec: AdapterSpec, ops: Ops, s
             U, Vt = canonicalize(U, Vt, ops)
             A, B = split(U, S, Vt, scale, ops)
             A, B = ops.round_to(A, spec.dtype), ops.round_to(B, spec.dtype)
-            q, deq = ops.quantize(ops.round_to(residual(Wd, A, B, scale), spec.dtype), s)
+            q, deq = ops.quantize(ops.round_to(residual(Wd, A, B, scale), spec.dtype), s, spec.dtype)
             R = Wd - deq
             errors.append(_nuclear(R - (B @ A) * scale, ops))
         A, B = ops.to_numpy(A), ops.to_numpy(B)

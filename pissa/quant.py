@@ -12,9 +12,20 @@ These are the definitions the backends must reproduce bit for bit:
   scale * code + bias, in float32. The arithmetic below follows MLX's CPU kernel step by step
   in float32, so the codes, scales and biases are identical.
 
-Inputs are float32 (a residual already rounded to its storage dtype); scales, absmax and biases
-are float32. Codes are kept unpacked (one uint8 per weight); pissa.formats.quantized packs them
-the way each library stores them.
+Storage dtypes. The input is float32 holding a weight rounded to its storage dtype (float32,
+bfloat16 or float16), and the codes are computed from it in float32 as above, which is what both
+libraries do for a bfloat16 or float16 weight: bitsandbytes upcasts it to float32, and MLX's
+kernel reads each element as a float. What the storage dtype changes is what comes back:
+- NF4: absmax stays float32 (bitsandbytes always keeps it so); the dequantised weight is
+  level[code] * absmax in float32, rounded once to the storage dtype (dequantize_4bit returns
+  the input's dtype).
+- Affine: mx.quantize returns scales and biases in the input's dtype, rounded from the float32
+  values the codes were computed with; mx.dequantize then computes in that dtype, rounding the
+  product and the sum each: deq = round(round(scale * code) + bias).
+Measured on these machines with bitsandbytes 0.50.2 and MLX 0.32.4 (tests check it bit for bit).
+Scales, absmax and biases are kept here as float32 arrays holding values of the storage dtype;
+codes are kept unpacked (one uint8 per weight); pissa.formats.quantized packs them the way each
+library stores them.
 """
 
 from __future__ import annotations
@@ -46,9 +57,6 @@ class QuantScheme:
     kind: str
     bits: int
     group_size: int
-
-    def describe(self) -> str:
-        return f"{self.name} (group {self.group_size})"
 
 
 SCHEMES = {"nf4": ("nf4", 4), "int8": ("affine", 8), "affine4": ("affine", 4)}
@@ -88,38 +96,54 @@ class QTensor:
     """A quantised [out, in] matrix on the host.
 
     codes: uint8 [out, in], unpacked. scales: nf4: absmax float32 [out * in / group];
-    affine: float32 [out, in / group]. biases: affine float32 [out, in / group], else None.
+    affine: [out, in / group]. biases: affine [out, in / group], else None. dtype: the storage
+    dtype of the weight that was quantised ("float32", "bfloat16", "float16"): affine scales and
+    biases hold values of that dtype (as float32 arrays) and are stored in it; dequantize()
+    gives values of it.
     """
 
     scheme: QuantScheme
     codes: np.ndarray
     scales: np.ndarray
     biases: np.ndarray | None = None
+    dtype: str = "float32"
 
     @property
     def shape(self) -> tuple[int, int]:
         return tuple(self.codes.shape)
 
 
-def quantize(x: np.ndarray, s: QuantScheme) -> QTensor:
-    """Quantise a float32 [out, in] matrix (see the module docstring for the exact rules)."""
+def quantize(x: np.ndarray, s: QuantScheme, dtype: str = "float32") -> QTensor:
+    """Quantise a float32 [out, in] matrix whose values are those of a weight stored in `dtype`
+    (see the module docstring for the exact rules)."""
     x = np.asarray(x)
     if x.dtype != np.float32:
         raise TypeError(f"quantize takes float32 input, not {x.dtype}")
     check_fits(s, "the matrix", x.shape)
-    return _nf4(x, s) if s.kind == "nf4" else _affine(x, s)
+    q = _nf4(x, s) if s.kind == "nf4" else _affine(x, s)
+    q.dtype = dtype
+    if q.biases is not None:  # MLX rounds the scale and bias it computed with to the input's dtype
+        q.scales, q.biases = round_to(q.scales, dtype), round_to(q.biases, dtype)
+    return q
+
+
+def round_to(x: np.ndarray, dtype: str) -> np.ndarray:
+    """float32 x rounded to a storage dtype (round to nearest even), as float32 again."""
+    from pissa.formats.safetensors import np_dtype
+
+    return x if dtype == "float32" else np.asarray(x, np.float32).astype(np_dtype(dtype)).astype(np.float32)
 
 
 def dequantize(q: QTensor) -> np.ndarray:
-    """deq(Q): float32 [out, in]."""
+    """deq(Q): float32 [out, in], holding values of q.dtype (computed as the library does)."""
     if q.scheme.kind == "nf4":
         g = q.scheme.group_size
         vals = NF4_LEVELS[q.codes.reshape(-1, g)]
-        return (vals * q.scales[:, None]).reshape(q.shape)
+        return round_to((vals * q.scales[:, None]).reshape(q.shape), q.dtype)
     g = q.scheme.group_size
     out, n = q.shape
     codes = q.codes.reshape(out, n // g, g).astype(np.float32)
-    return (q.scales[..., None] * codes + q.biases[..., None]).reshape(out, n)
+    return round_to(round_to(q.scales[..., None] * codes, q.dtype) + q.biases[..., None], q.dtype).reshape(out, n)
 
 
 def _nf4(x: np.ndarray, s: QuantScheme) -> QTensor:

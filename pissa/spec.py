@@ -21,7 +21,8 @@ COMPUTE_DTYPES = ("float64", "float32")
 ALL_LINEAR = "all-linear"
 
 # Module names that "all-linear" never adapts: embeddings and the output layer (PEFT does the same).
-_NOT_LINEAR = re.compile(r"(^|\.)(embed_tokens|embed_positions|wte|wpe|lm_head|embed_out|output)$")
+_NOT_LINEAR = re.compile(r"(^|\.)(embed_tokens|embed_positions|wte|wpe|tokens_embed|positions_embed|lm_head|"
+                         r"embed_out|output)$")
 _REGEX_CHARS = set(".*+?[](){}|^$\\")
 
 # Every field PEFT's LoraConfig writes (peft 0.21.2). tests/test_spec.py checks this list against the
@@ -47,6 +48,7 @@ _PEFT_READ = {
     "r", "lora_alpha", "use_rslora", "target_modules", "init_lora_weights", "peft_type",
     "task_type", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping",
     "peft_version", "lora_dropout", "runtime_config", "megatron_core",
+    "fan_in_fan_out",  # about the base layer (GPT-2's Conv1D), not the adapter: pissa.formats.peft keeps it
 }
 _PEFT_EMPTY = (None, {}, [], False)
 

@@ -154,10 +154,17 @@ class RunDir:
         plt.close(fig)
         return out
 
-    def finish(self, trained: Adapter, initial: Adapter) -> None:
+    def finish(self, trained: Adapter, initial: Adapter, model_dir: Path) -> None:
         """RUN_DIR/adapter (the trained adapter) and, when its kind has an exact LoRA form,
         RUN_DIR/lora (that LoRA on the original model: rank 2r for PiSSA, r_hat for sharing MoRA),
-        each written atomically."""
+        each written atomically. Full fine-tuning writes RUN_DIR/model instead: the init folder's
+        model with the trained weights, an ordinary model folder."""
+        if trained.spec.kind_module.OUTPUT == "model":
+            from pissa.merge import run_merge
+
+            latest = self.latest()
+            run_merge(str(model_dir), latest / "adapter", self.path / "model", force=True, progress=False)
+            return
         with atomic_dir(self.path / "adapter", force=True) as tmp:
             peft_format.save_adapter(tmp, trained)
         if not trained.spec.kind_module.converts(trained.spec):
@@ -171,16 +178,39 @@ def save_config(run: RunDir, cfg: TrainConfig, extra: dict[str, Any]) -> None:
     write_json(run.path / "config.json", {"train": asdict(cfg), **extra})
 
 
+def init_fingerprint(init: Adapter) -> str:
+    """The fingerprint of a pissa_init: the one pissa init stored in pissa_config.json, or, for an
+    init that PEFT or the official PiSSA scripts wrote (no pissa_config.json), the same hash
+    computed from its factors (pissa.init.fingerprint hashes the factors as stored)."""
+    from pissa.init import fingerprint
+
+    return init.info.get("fingerprint") or fingerprint(init.factors)
+
+
 def initial_adapter(model_dir: Path, adapter_dir: str | Path | None) -> tuple[Adapter, Adapter]:
     """(start, init): the adapter training starts from (default MODEL_DIR/pissa_init) and the
-    pissa_init it descends from, for conversion."""
+    pissa_init it descends from, for conversion.
+
+    Raises:
+        PissaError: no model folder or pissa_init/, or an --adapter of another init: its recorded
+            init fingerprint differs, or (an adapter without one, e.g. trained with PEFT) its
+            modules or parameter shapes differ from the init's.
+    """
     init_dir = Path(model_dir) / "pissa_init"
     if not (Path(model_dir) / "config.json").is_file():
         raise PissaError(f"{model_dir} is not a model folder written by pissa init (no config.json)")
     if not init_dir.is_dir():
         raise PissaError(f"{model_dir} has no pissa_init/ adapter; run pissa init first")
     init = peft_format.load_adapter(init_dir)
+    init.info.setdefault("fingerprint", init_fingerprint(init))
     start = peft_format.load_adapter(adapter_dir) if adapter_dir else init
-    if adapter_dir and start.info.get("init_fingerprint", start.info.get("fingerprint")) != init.info.get("fingerprint"):
+    started = start.info.get("init_fingerprint", start.info.get("fingerprint"))
+    if adapter_dir and started is not None and started != init.info["fingerprint"]:
         raise PissaError(f"--adapter {adapter_dir} was not trained from {init_dir}; pass the model folder it came from")
+    if adapter_dir and started is None:
+        def shapes(a: Adapter) -> dict:
+            return {m: [p.shape for p in params] for m, params in a.factors.items()}
+        if shapes(start) != shapes(init) or start.spec.kind != init.spec.kind:
+            raise PissaError(f"--adapter {adapter_dir} does not fit {init_dir} (other modules, ranks or shapes); "
+                             "pass the model folder it was trained from")
     return start, init

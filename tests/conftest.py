@@ -115,6 +115,22 @@ def tiny_llama(tmp_path) -> Path:
     return write_tiny_llama(tmp_path / "tiny")
 
 
+def interrupt_at(monkeypatch, step: int):
+    """Make the shared step loop (pissa.loop) raise KeyboardInterrupt, as Ctrl-C would, when it
+    reaches `step`. Returns the function that undoes it."""
+    import pissa.loop as loop
+
+    real = loop.lr_at
+
+    def interrupted(at, cfg):
+        if at == step:
+            raise KeyboardInterrupt
+        return real(at, cfg)
+
+    monkeypatch.setattr(loop, "lr_at", interrupted)
+    return lambda: monkeypatch.setattr(loop, "lr_at", real)
+
+
 def pytest_report_header(config):
     return f"pissa backends under test: {', '.join(BACKENDS)}"
 

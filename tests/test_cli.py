@@ -167,12 +167,36 @@ def test_eval_and_generate_without_a_model_are_one_line(args, words, backend, tm
     assert len(err.splitlines()) == 1 and err.startswith("pissa: error: ") and words in err, err
 
 
+@pytest.fixture(scope="module")
+def init_without_tokenizer(tiny, tmp_path_factory) -> Path:
+    """A pissa init folder of a model saved without tokenizer files (write_tiny_llama writes none)."""
+    from pissa.init import run_init
+    from pissa.spec import AdapterSpec
+
+    out = tmp_path_factory.mktemp("notok") / "init"
+    run_init(str(tiny), out, AdapterSpec(rank=2), progress=False)
+    return out
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "numpy"])
+@pytest.mark.parametrize("command", ["train", "eval", "generate"])
+def test_a_model_without_a_tokenizer_is_one_line(command, backend, init_without_tokenizer, tmp_path, capsys):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": "1+1=", "completion": "2"}\n')
+    extra = {"train": ["--data", str(data), "--out", str(tmp_path / "run"), "--steps", "1", "--no-progress"],
+             "eval": ["--data", str(data), "--no-progress"], "generate": ["--prompt", "hi"]}[command]
+    assert main([command, str(init_without_tokenizer), *extra, "--backend", backend]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("pissa: error: ") and "has no tokenizer files" in err, err
+    assert not (tmp_path / "run").exists()
+
+
 # Integer options where 0 means "none" or "off"; every other integer option must be >= 1.
 NON_NEGATIVE = {("init", "--niter"), ("init", "--oversampling"), ("init", "--seed"),
-                ("train", "--seed"), ("train", "--eval-every"), ("train", "--save-every")}
+                ("train", "--seed"), ("train", "--eval-every"), ("train", "--save-every"), ("compare", "--probe-limit")}
 REQUIRED = {"init": ["m", "--out", "o"], "train": ["m", "--data", "d", "--out", "o"], "eval": ["m", "--data", "d"],
             "generate": ["m", "--prompt", "p"], "merge": ["m", "--adapter", "a", "--out", "o"],
-            "convert": ["--initial", "i", "--trained", "t", "--out", "o"]}
+            "convert": ["--initial", "i", "--trained", "t", "--out", "o"], "compare": ["m", "--out", "o"]}
 
 
 def _options() -> list[tuple[str, argparse.Action]]:

@@ -1,4 +1,5 @@
-"""PiSSA -> LoRA conversion as pure math (REFERENCE.md section 2), in float64 numpy."""
+"""PiSSA -> LoRA conversion as pure math (the identity in pissa/kinds/lora.py's docstring), in
+float64 numpy."""
 
 import numpy as np
 import pytest
@@ -44,5 +45,5 @@ def test_conversion_checks_that_the_runs_match():
         pissa_to_lora(init, Adapter(spec, {"n": (A, B)}, info={"init_fingerprint": "abc"}))
     with pytest.raises(PissaError, match="rank 2 and scale 1 but --trained has rank 4"):
         pissa_to_lora(init, Adapter(AdapterSpec(rank=4), {"m": (A, B)}, info={"init_fingerprint": "abc"}))
-    with pytest.raises(PissaError, match="must be the pissa_init folder"):
+    with pytest.raises(PissaError, match="is a trained adapter; pass the pissa_init folder"):
         pissa_to_lora(Adapter(spec, {"m": (A, B)}, info={"role": "trained"}), init)

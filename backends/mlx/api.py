@@ -3,6 +3,8 @@ adapter_state_dict, save_adapter. Models are changed in place and returned.
 
 Module paths are mlx-lm's, which for Llama-family models are the Hugging Face ones
 ("model.layers.0.self_attn.q_proj"), so adapters use the same PEFT key names as the torch backend.
+Where mlx-lm names a module otherwise (GPT-2: "model.h.0" for transformers' "transformer.h.0"),
+targets, adapters and state dicts use the Hugging Face path (peft_path).
 Every adapter kind (pissa.kinds) goes through the same verbs; LAYERS maps a kind to the layer
 class that implements its forward.
 """
@@ -15,7 +17,7 @@ from pathlib import Path
 
 import ml_dtypes
 import numpy as np
-from pissa_mlx.layer import NOT_QPISSA, QUANTIZED_BASE, QUANTIZED_MERGE, AdapterLinear, PissaLinear, weight_shape
+from pissa_mlx.layer import NOT_QPISSA, QUANTIZED_BASE, QUANTIZED_MERGE, AdapterLinear, FullLinear, PissaLinear, weight_shape
 from pissa_mlx.mora import MoraLinear
 from pissa_mlx.ops import make_ops
 
@@ -26,9 +28,10 @@ from pissa import kinds
 from pissa.errors import PissaError
 from pissa.formats import peft as peft_format
 from pissa.formats.peft import Adapter, check_fits
+from pissa.layouts import from_mlx_lm_path
 from pissa.spec import AdapterSpec
 
-LAYERS: dict[str, type[AdapterLinear]] = {"lora": PissaLinear, "mora": MoraLinear}
+LAYERS: dict[str, type[AdapterLinear]] = {"lora": PissaLinear, "mora": MoraLinear, "full": FullLinear}
 
 
 def to_numpy(x: mx.array) -> np.ndarray:
@@ -52,6 +55,12 @@ def pissa_layers(model: nn.Module) -> Iterator[tuple[str, AdapterLinear]]:
             yield name, module
 
 
+def peft_path(model: nn.Module):
+    """The function giving our (PEFT's) module path for each of this model's mlx-lm paths."""
+    model_type = getattr(model, "model_type", None)
+    return lambda name: from_mlx_lm_path(model_type, name)
+
+
 def _some(names: list[str]) -> str:
     return f"{names[0]} (and {len(names) - 1} more)" if len(names) > 1 else names[0]
 
@@ -61,8 +70,9 @@ def _targets(model: nn.Module, spec: AdapterSpec, decompose: bool,
     if any(True for _ in pissa_layers(model)):
         raise PissaError("this model already has PiSSA layers (adapters of pissa's kinds); load a fresh model "
                          "to apply another adapter, or fuse the present ones first")
+    peft = peft_path(model)
     found = {n: m for n, m in model.named_modules()
-             if n and isinstance(m, (nn.Linear, nn.QuantizedLinear)) and spec.matches(n)}
+             if n and isinstance(m, (nn.Linear, nn.QuantizedLinear)) and spec.matches(peft(n))}
     quantized = [n for n, m in found.items() if isinstance(m, nn.QuantizedLinear)]
     if quantized and decompose:
         raise PissaError(QUANTIZED_BASE.format(name=_some(quantized)))
@@ -81,13 +91,13 @@ def _freeze_all_but_adapters(model: nn.Module) -> None:
     # Each layer names its own trainable parameters; nothing is matched by name suffix.
     model.freeze()
     for _, layer in pissa_layers(model):
-        layer.unfreeze(keys=list(layer.PARAMS), recurse=False)
+        layer.unfreeze_params()
 
 
 def adapter_keys(model: nn.Module) -> set[str]:
     """The flattened parameter names ("model.layers.0.self_attn.q_proj.lora_A") of every adapter
     parameter, for code that must tell them from the frozen weights."""
-    return {f"{name}.{p}" for name, layer in pissa_layers(model) for p in layer.PARAMS}
+    return {f"{name}.{p}" for name, layer in pissa_layers(model) for p in layer.param_paths()}
 
 
 def quantized_residuals(model_dir: str | Path) -> set[str]:
@@ -118,8 +128,9 @@ def apply(model: nn.Module, spec: AdapterSpec, adapter: Adapter | None = None,
             adapter does not fit the model (every missing module and shape mismatch listed).
     """
     targets = _targets(model, spec, adapter is None, quantized_residuals)
+    peft = peft_path(model)
     if adapter is not None:
-        check_fits(adapter, {n: weight_shape(m) for n, m in targets.items()})
+        check_fits(adapter, {peft(n): weight_shape(m) for n, m in targets.items()})
     ops = None
     kind = spec.kind_module
     wrapped = []
@@ -127,10 +138,11 @@ def apply(model: nn.Module, spec: AdapterSpec, adapter: Adapter | None = None,
         w = linear.weight
         if adapter is not None:
             dtype = linear.scales.dtype if isinstance(linear, nn.QuantizedLinear) else w.dtype
-            params = tuple(from_numpy(x).astype(dtype) for x in adapter.factors[name])
+            # .get: full fine-tuning's init stores nothing, the layer then trains its own weight
+            params = tuple(from_numpy(x).astype(dtype) for x in adapter.factors.get(peft(name), ()))
         else:
             ops = ops or make_ops(device)
-            result = kind.init([to_numpy(w.astype(mx.float32))], [name], spec, ops)[0]
+            result = kind.init([to_numpy(w.astype(mx.float32))], [peft(name)], spec, ops)[0]
             if kind.RESIDUAL:
                 linear.weight = from_numpy(result.base).astype(w.dtype)
             params = tuple(from_numpy(x) for x in result.params)
@@ -201,10 +213,10 @@ def adapter_state_dict(model: nn.Module) -> dict[str, mx.array]:
     """{file key: mx.array}, e.g. "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
     -> A [r, in]; "...lora_B.weight" -> B [out, r] (PEFT's orientation, not mlx-lm's); the kind's
     tensor names for other kinds (pissa.kinds)."""
-    out = {}
+    out, peft = {}, peft_path(model)
     for name, layer in pissa_layers(model):
         for t, p in zip(kinds.get(layer.KIND).TENSORS, layer.params()):
-            out[peft_format.tensor_key(name, t)] = p
+            out[peft_format.tensor_key(peft(name), t)] = p
     return out
 
 
@@ -212,8 +224,8 @@ def adapter_of(model: nn.Module, spec: AdapterSpec, info: dict | None = None) ->
     """The model's current adapter parameters as a core Adapter, in the spec's storage dtype."""
     from pissa.formats.safetensors import np_dtype
 
-    dt = np_dtype(spec.dtype)
-    factors = {name: tuple(to_numpy(p.astype(mx.float32)).astype(dt) for p in layer.params())
+    dt, peft = np_dtype(spec.dtype), peft_path(model)
+    factors = {peft(name): tuple(to_numpy(p.astype(mx.float32)).astype(dt) for p in layer.params())
                for name, layer in pissa_layers(model)}
     return Adapter(spec, factors, info=dict(info or {}))
 

@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 import mlx.core as mx
 from mlx import nn
-from pissa.data import eval_split, pad_id
+from pissa.data import eval_split, load_tokenizer, pad_id
 from pissa.evaluate import exact_match
 from pissa.loaders import model_folder
 
@@ -82,12 +82,10 @@ def load_for_inference(model_dir: Path, adapter) -> nn.Module:
 def answer(model_dir: str | Path, prompt: str, *, adapter: str | Path | None = None, device: str | None = None,
            max_new_tokens: int = 64) -> str:
     """One greedy answer to a user message (formatted with the chat template when there is one)."""
-    from transformers import AutoTokenizer
-
     model_dir = model_folder(model_dir)  # a local folder or a Hub id; PissaError for anything else
     pick_device(device)
+    tokenizer = load_tokenizer(model_dir)  # before the model: fails fast without one
     model = load_for_inference(model_dir, adapter)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
     if getattr(tokenizer, "chat_template", None):
         prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                                add_generation_prompt=True)
@@ -105,12 +103,10 @@ def evaluate(model_dir: str | Path, data: str | Path, *, adapter: str | Path | N
     Returns:
         {"n", "accuracy", "loss", "examples"} (the first three answers), as the torch backend.
     """
-    from transformers import AutoTokenizer
-
     model_dir = model_folder(model_dir)
     pick_device(device)
+    tokenizer = load_tokenizer(model_dir)  # before the model: fails fast without one
     model = load_for_inference(model_dir, adapter)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
     pairs, dataset = eval_split(data, tokenizer, max_seq_len, limit)
     loss = eval_loss(model, dataset, batch_size, pad_id(tokenizer), max_seq_len)
     model.eval()

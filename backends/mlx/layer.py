@@ -6,7 +6,8 @@ wrapping and unwrapping itself in the mlx-lm style (from_base / fuse):
 - PissaLinear (kind "lora"): W_res plus the trainable factors A [r, in] and B [out, r],
   y = x W_res^T + s * (dropout(x) A^T) B^T, the orientation used everywhere in pissa (PEFT's, not
   mlx-lm's [in, r] / [r, out]; pissa.formats.mlx_lm converts at the file boundary).
-  MoraLinear lives in pissa_mlx.mora.
+  MoraLinear lives in pissa_mlx.mora;
+- FullLinear (kind "full"): full fine-tuning, the base weight itself trains.
 
 QPiSSA: the base may be an nn.QuantizedLinear holding Q(W_res), as mlx-lm loads the residual
 model that `pissa init --quantize affine4|int8` writes; y = deq(Q(W_res)) x + s B A x, the base
@@ -90,6 +91,13 @@ class AdapterLinear(nn.Module):
 
     def params(self) -> tuple[mx.array, ...]:
         return tuple(self[name] for name in self.PARAMS)
+
+    def param_paths(self) -> tuple[str, ...]:
+        """The trainable parameters' paths relative to this layer ("lora_A", "base.weight")."""
+        return self.PARAMS
+
+    def unfreeze_params(self) -> None:
+        self.unfreeze(keys=list(self.PARAMS), recurse=False)
 
     @property
     def quantized(self) -> bool:
@@ -195,3 +203,49 @@ class PissaLinear(AdapterLinear):
 
     def _extra_repr(self) -> str:
         return f"rank={self.rank}, scale={self.scale:g}, merged={self.merged}, quantized={self.quantized}"
+
+
+class FullLinear(AdapterLinear):
+    """Full fine-tuning of one linear layer: its weight is the trainable parameter (the bias, if
+    any, stays frozen like every other non-target weight). y = base(x); nothing to merge."""
+
+    KIND = "full"
+    PARAMS = ("weight",)
+
+    def __init__(self, base: nn.Linear, W: mx.array | None = None):
+        if isinstance(base, nn.QuantizedLinear):
+            raise PissaError("full fine-tuning needs float weights, not a quantised layer")
+        super().__init__(base)
+        if W is not None:
+            if tuple(W.shape) != tuple(base.weight.shape):
+                raise ValueError(f"weight {tuple(W.shape)} does not fit {tuple(base.weight.shape)}")
+            base.weight = W.astype(base.weight.dtype)
+
+    @classmethod
+    def from_params(cls, base: nn.Linear, params: tuple[mx.array, ...], spec) -> "FullLinear":
+        """No params (the init): train the base weight as it is; (W,): start from W."""
+        return cls(base, params[0] if params else None)
+
+    def params(self) -> tuple[mx.array, ...]:
+        return (self.base.weight,)
+
+    def param_paths(self) -> tuple[str, ...]:
+        return ("base.weight",)
+
+    def unfreeze_params(self) -> None:
+        self.base.unfreeze(keys=["weight"], recurse=False)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.base(x)
+
+    def delta(self) -> mx.array:
+        return mx.zeros_like(self.base.weight)
+
+    def merge(self) -> None:
+        """Nothing to do: the trained weight is the layer's weight."""
+
+    def unmerge(self) -> None:
+        """Nothing to do."""
+
+    def fuse(self) -> nn.Linear:
+        return self.base

@@ -9,8 +9,9 @@ MLX's quirks, and what we do about them:
 - mx.linalg.svd always builds the full U [m, m] and V^T [n, n] (2 s for 576x1536, 19 s for
   2048x2048 on these machines), so svd() factors W = QR first and takes the SVD of the small
   square R only.
-- mx.quantize takes float32 (float64 input fails: "Only supports floating point inputs"), and
-  packs the codes into uint32 words; quantize() casts, and unpacks for the core's QTensor.
+- mx.quantize takes float32, bfloat16 or float16 (float64 input fails: "Only supports floating
+  point inputs"), returns scales and biases in the input's dtype, and packs the codes into uint32
+  words; quantize() casts to the storage dtype, and unpacks for the core's QTensor.
 """
 
 from __future__ import annotations
@@ -89,11 +90,13 @@ class MlxOps:
     def round_to(self, x: mx.array, dtype: str) -> mx.array:
         return x.astype(mx.float32).astype(_STORAGE[dtype]).astype(x.dtype)
 
-    def quantize(self, x: mx.array, scheme: QuantScheme) -> tuple[QTensor, mx.array]:
-        """mx.quantize of x [out, in] (compute dtype, values representable in float32).
+    def quantize(self, x: mx.array, scheme: QuantScheme, dtype: str = "float32") -> tuple[QTensor, mx.array]:
+        """mx.quantize of x [out, in] (compute dtype, values of the storage dtype `dtype`), cast to
+        that dtype first, as mlx-lm quantises a model stored in it.
 
-        Returns (QTensor: codes uint8 [out, in] unpacked, scales and biases float32
-        [out, in / group], bit-identical to pissa.quant's reference; deq(Q(x)) in x's dtype).
+        Returns (QTensor: codes uint8 [out, in] unpacked, scales and biases [out, in / group] as
+        float32 arrays of dtype's values, bit-identical to pissa.quant's reference; deq(Q(x)) in
+        x's dtype).
         Both run on the CPU stream: MLX's CPU kernel is the one checked bit for bit against the
         reference, quantising is cheap next to the SVDs, and float64 could not go to Metal anyway.
 
@@ -103,11 +106,13 @@ class MlxOps:
         if scheme.kind != "affine":
             raise ValueError(f"MLX cannot quantise {scheme.name}; use int8 or affine4")
         g, bits = scheme.group_size, scheme.bits
-        words, scales, biases = mx.quantize(x.astype(mx.float32), group_size=g, bits=bits, stream=mx.cpu)
+        stored = x.astype(mx.float32).astype(_STORAGE[dtype])  # exact: x holds values of that dtype
+        words, scales, biases = mx.quantize(stored, group_size=g, bits=bits, stream=mx.cpu)
         deq = mx.dequantize(words, scales, biases, group_size=g, bits=bits, stream=mx.cpu).astype(x.dtype)
+        scales, biases = scales.astype(mx.float32), biases.astype(mx.float32)  # exact
         mx.eval(words, scales, biases, deq)
         codes = unpack_bits(np.asarray(words), bits)
-        return QTensor(scheme, codes, np.array(scales, copy=True), np.array(biases, copy=True)), deq
+        return QTensor(scheme, codes, np.array(scales, copy=True), np.array(biases, copy=True), dtype), deq
 
     def svdvals(self, x: mx.array) -> mx.array:
         """Singular values of x [m, n] (descending), in x's dtype; LAPACK skips U and V^T here."""

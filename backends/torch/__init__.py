@@ -6,7 +6,7 @@ except ImportError as e:  # pragma: no cover - exercised by tests/test_hygiene.p
     raise ImportError("pissa_torch needs PyTorch; install it with: pip install 'pissa[torch]'") from e
 
 from pissa_torch.api import adapter_state_dict, apply, load, merge, save_adapter, unmerge  # noqa: E402
-from pissa_torch.layer import PissaLinear  # noqa: E402
+from pissa_torch.layer import FullLinear, PissaLinear  # noqa: E402
 from pissa_torch.mora import MoraLinear  # noqa: E402
 
-__all__ = ["MoraLinear", "PissaLinear", "adapter_state_dict", "apply", "load", "merge", "save_adapter", "unmerge"]
+__all__ = ["FullLinear", "MoraLinear", "PissaLinear", "adapter_state_dict", "apply", "load", "merge", "save_adapter", "unmerge"]

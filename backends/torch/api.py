@@ -21,7 +21,7 @@ from pissa.formats import peft as peft_format
 from pissa.formats.peft import Adapter
 from pissa.formats.peft import check_fits as _check_fits
 from pissa.spec import AdapterSpec
-from pissa_torch.layer import AdapterLinear, PissaLinear
+from pissa_torch.layer import AdapterLinear, FullLinear, PissaLinear, dense_weight, weight_shape
 from pissa_torch.mora import MoraLinear
 from pissa_torch.ops import make_ops
 from pissa_torch.quantized import AffineQuantLinear, compute_dtype, is_quantized, load_base
@@ -47,7 +47,7 @@ def from_numpy(a: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(a)
 
 
-LAYERS: dict[str, type[AdapterLinear]] = {"lora": PissaLinear, "mora": MoraLinear}
+LAYERS: dict[str, type[AdapterLinear]] = {"lora": PissaLinear, "mora": MoraLinear, "full": FullLinear}
 
 
 def pissa_layers(model: nn.Module) -> Iterator[tuple[str, AdapterLinear]]:
@@ -59,9 +59,11 @@ def pissa_layers(model: nn.Module) -> Iterator[tuple[str, AdapterLinear]]:
 
 
 def _targets(model: nn.Module, spec: AdapterSpec) -> dict[str, nn.Module]:
-    # nn.Linear covers bitsandbytes' Linear4bit, a subclass.
+    # nn.Linear covers bitsandbytes' Linear4bit, a subclass; Conv1D is GPT-2's linear layer.
+    from transformers.pytorch_utils import Conv1D
+
     found = {n: m for n, m in model.named_modules()
-             if isinstance(m, (nn.Linear, AffineQuantLinear)) and spec.matches(n)}
+             if isinstance(m, (nn.Linear, AffineQuantLinear, Conv1D)) and spec.matches(n)}
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if spec.targets == "all-linear" and output is not None:
         found = {n: m for n, m in found.items() if m is not output}
@@ -107,16 +109,17 @@ def apply(model: nn.Module, spec: AdapterSpec, adapter: Adapter | None = None,
                          "to apply another adapter, or fuse the present ones first")
     targets = _targets(model, spec)
     if adapter is not None:
-        _check_fits(adapter, {n: (m.out_features, m.in_features) for n, m in targets.items()})
+        _check_fits(adapter, {n: weight_shape(m) for n, m in targets.items()})
     elif any(is_quantized(m) for m in targets.values()):
         raise PissaError("this model's target layers are quantised, and PiSSA cannot start from a quantised "
                          "weight; run `pissa init --quantize` on the unquantised model and load that folder")
     kind = spec.kind_module
     for name, linear in targets.items():
-        w = linear.weight
         if adapter is not None:
-            params = tuple(from_numpy(x).to(compute_dtype(linear)) for x in adapter.factors[name])
+            # .get: full fine-tuning's init stores nothing, the layer then trains its own weight
+            params = tuple(from_numpy(x).to(compute_dtype(linear)) for x in adapter.factors.get(name, ()))
         else:
+            w = dense_weight(linear)  # [out, in], a view of a Conv1D's [in, out] weight
             ops = make_ops(device or str(w.device))
             result = kind.init([to_numpy(w.float())], [name], spec, ops)[0]
             if kind.RESIDUAL:

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from pissa.data import eval_split, pad_id
+from pissa.data import eval_split, load_tokenizer, pad_id
 from pissa.evaluate import exact_match
 from pissa.loaders import model_folder
 from pissa_torch.api import load
@@ -39,12 +39,10 @@ def load_for_inference(model_dir: Path, adapter, dev):
 def answer(model_dir: str | Path, prompt: str, *, adapter: str | Path | None = None, device: str | None = None,
            max_new_tokens: int = 64) -> str:
     """One greedy answer to a user message (formatted with the chat template when there is one)."""
-    from transformers import AutoTokenizer
-
     model_dir = model_folder(model_dir)  # a local folder or a Hub id; PissaError for anything else
     dev = pick_device(device)
+    tokenizer = load_tokenizer(model_dir)  # before the model: fails fast without one
     model = load_for_inference(model_dir, adapter, dev)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
     if getattr(tokenizer, "chat_template", None):
         prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                                add_generation_prompt=True)
@@ -59,12 +57,10 @@ def evaluate(model_dir: str | Path, data: str | Path, *, adapter: str | Path | N
     model_dir (a folder or a Hugging Face Hub id, see pissa.loaders.model_folder) with
     adapter=None uses MODEL_DIR/pissa_init when it exists (a pissa init folder), else the plain model.
     """
-    from transformers import AutoTokenizer
-
     model_dir = model_folder(model_dir)
     dev = pick_device(device)
+    tokenizer = load_tokenizer(model_dir)  # before the model: fails fast without one
     model = load_for_inference(model_dir, adapter, dev)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
     pairs, dataset = eval_split(data, tokenizer, max_seq_len, limit)
     autocast, _ = autocast_for("auto", dev)
     loss = eval_loss(model, dataset, batch_size, pad_id(tokenizer), dev, autocast)

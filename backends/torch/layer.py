@@ -4,11 +4,14 @@ wrapping and unwrapping itself in the mlx-lm style (from_base / fuse):
 - AdapterLinear: what every kind shares: the frozen base, merge / unmerge / fuse through the
   kind's dense update delta(), and the names of its trainable parameters (PARAMS);
 - PissaLinear (kind "lora"): W_res plus the trainable factors A [r, in] and B [out, r],
-  y = base(x) + s * (dropout(x) A^T) B^T. MoraLinear lives in pissa_torch.mora.
+  y = base(x) + s * (dropout(x) A^T) B^T. MoraLinear lives in pissa_torch.mora;
+- FullLinear (kind "full"): full fine-tuning, the base weight itself trains.
 The base is an nn.Linear, or for QPiSSA a quantised one (a bitsandbytes Linear4bit or an
 AffineQuantLinear, see pissa_torch.quantized) holding deq(Q(W_res)): forward and fuse work on
 it, merge refuses (adding s*B@A into a quantised weight would re-quantise it, which changes
-the model and cannot be undone).
+the model and cannot be undone). It may also be transformers' Conv1D (GPT-2), whose weight is
+stored [in, out]: as PEFT's fan_in_fan_out, the factors keep their shapes and only the base
+weight is seen transposed (weight_shape, dense_weight), and fuse gives a Conv1D back.
 """
 
 from __future__ import annotations
@@ -18,6 +21,25 @@ from torch import nn
 
 from pissa.errors import PissaError
 from pissa_torch.quantized import compute_dtype, dequantized_weight, is_quantized
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(module, Conv1D)
+
+
+def weight_shape(base: nn.Module) -> tuple[int, int]:
+    """[out, in] of a linear layer: nn.Linear, a quantised one, or a Conv1D ([in, out] stored)."""
+    if is_conv1d(base):
+        return base.nf, base.nx
+    return base.out_features, base.in_features
+
+
+def dense_weight(base: nn.Module) -> torch.Tensor:
+    """The base's float weight as [out, in]: a view of a Conv1D's stored [in, out] weight (so that
+    in-place updates reach it), or what dequantized_weight gives."""
+    return base.weight.T if is_conv1d(base) else dequantized_weight(base)
 
 
 class AdapterLinear(nn.Module):
@@ -32,6 +54,7 @@ class AdapterLinear(nn.Module):
         self.base = base
         self.base.requires_grad_(False)
         self.merged = False
+        self.out_features, self.in_features = weight_shape(base)
 
     def params(self) -> tuple[nn.Parameter, ...]:
         return tuple(getattr(self, name) for name in self.PARAMS)
@@ -50,24 +73,32 @@ class AdapterLinear(nn.Module):
             raise PissaError("cannot merge an adapter into a quantised base (QPiSSA): it would re-quantise the "
                              "weight; run `pissa merge` on the unquantised model, or fuse() for a float layer")
         if not self.merged:
-            self.base.weight += self.delta()
+            dense_weight(self.base).add_(self.delta())
             self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
         if self.merged:
-            self.base.weight -= self.delta()
+            dense_weight(self.base).sub_(self.delta())
             self.merged = False
 
     @torch.no_grad()
     def fuse(self) -> nn.Linear:
         """A plain nn.Linear computing base + update (this layer is left unchanged). On a quantised
         base it is deq(Q(W_res)) + s*B@A in the compute dtype: the function the layer computes,
-        as a float layer (as large as the unquantised one)."""
-        weight = dequantized_weight(self.base)
-        fused = nn.Linear(self.base.in_features, self.base.out_features, bias=self.base.bias is not None,
+        as a float layer (as large as the unquantised one). On a Conv1D base, a Conv1D."""
+        weight = dense_weight(self.base)
+        weight = weight if self.merged else weight + self.delta()
+        if is_conv1d(self.base):
+            from transformers.pytorch_utils import Conv1D
+
+            fused = Conv1D(self.out_features, self.in_features).to(weight.device, weight.dtype)
+            fused.weight.copy_(weight.T)
+            fused.bias.copy_(self.base.bias)
+            return fused
+        fused = nn.Linear(self.in_features, self.out_features, bias=self.base.bias is not None,
                           device=weight.device, dtype=compute_dtype(self.base))
-        fused.weight.copy_(weight if self.merged else weight + self.delta())
+        fused.weight.copy_(weight)
         if self.base.bias is not None:
             fused.bias.copy_(self.base.bias)
         return fused
@@ -78,7 +109,7 @@ class PissaLinear(AdapterLinear):
     PARAMS = ("lora_A", "lora_B")
 
     def __init__(self, base: nn.Module, A: torch.Tensor, B: torch.Tensor, scale: float, dropout: float = 0.0):
-        out_features, in_features = base.out_features, base.in_features
+        out_features, in_features = weight_shape(base)
         if A.shape != (A.shape[0], in_features) or B.shape != (out_features, A.shape[0]):
             raise ValueError(f"A {tuple(A.shape)} and B {tuple(B.shape)} do not fit a weight "
                              f"{(out_features, in_features)}")
@@ -119,3 +150,46 @@ class PissaLinear(AdapterLinear):
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, scale={self.scale:g}, merged={self.merged}"
+
+
+class FullLinear(AdapterLinear):
+    """Full fine-tuning of one linear layer: its weight is the trainable parameter (the bias, if
+    any, stays frozen like every other non-target weight). y = base(x); nothing to merge."""
+
+    KIND = "full"
+    PARAMS = ("weight",)
+
+    def __init__(self, base: nn.Module, W: torch.Tensor | None = None):
+        if is_quantized(base):
+            raise PissaError("full fine-tuning needs float weights, not a quantised layer")
+        if is_conv1d(base):  # its parameter would be the [in, out] weight, against every file's [out, in]
+            raise PissaError("full fine-tuning of transformers' Conv1D layers (GPT-2) is not supported yet")
+        super().__init__(base)
+        if W is not None:
+            if tuple(W.shape) != tuple(base.weight.shape):
+                raise ValueError(f"weight {tuple(W.shape)} does not fit {tuple(base.weight.shape)}")
+            with torch.no_grad():
+                base.weight.copy_(W)
+
+    @classmethod
+    def from_params(cls, base: nn.Module, params: tuple[torch.Tensor, ...], spec) -> "FullLinear":
+        """No params (the init): train the base weight as it is; (W,): start from W."""
+        return cls(base, params[0] if params else None)
+
+    def params(self) -> tuple[nn.Parameter, ...]:
+        return (self.base.weight,)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x)
+
+    def delta(self) -> torch.Tensor:
+        return torch.zeros_like(self.base.weight)
+
+    def merge(self) -> None:
+        """Nothing to do: the trained weight is the layer's weight."""
+
+    def unmerge(self) -> None:
+        """Nothing to do."""
+
+    def fuse(self) -> nn.Module:
+        return self.base

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from pissa.kinds import mora
-from pissa_torch.layer import AdapterLinear
+from pissa_torch.layer import AdapterLinear, weight_shape
 from pissa_torch.quantized import compute_dtype
 
 
@@ -46,7 +46,7 @@ class MoraLinear(AdapterLinear):
         self.mora_M = nn.Parameter(M.to(base.weight.device))
         self.mora_type = mora_type
         self.n = M.shape[0]
-        self.length = mora.padded_length(base.in_features, self.n)
+        self.length = mora.padded_length(self.in_features, self.n)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         if mora_type == "rotation":
             cos, sin = mora.rotation_tables(self.length // self.n, self.n)
@@ -66,9 +66,9 @@ class MoraLinear(AdapterLinear):
     @classmethod
     def from_params(cls, base: nn.Module, params: tuple[torch.Tensor, ...], spec) -> "MoraLinear":
         (M,) = params
-        want = mora.shapes(spec, (base.out_features, base.in_features))[0]
+        want = mora.shapes(spec, weight_shape(base))[0]
         if tuple(M.shape) != want:
-            raise ValueError(f"M {tuple(M.shape)} does not fit a weight {(base.out_features, base.in_features)} "
+            raise ValueError(f"M {tuple(M.shape)} does not fit a weight {weight_shape(base)} "
                              f"at rank {spec.rank} ({spec.mora_type}: {want})")
         return cls(base, M, spec.mora_type)
 
@@ -77,15 +77,15 @@ class MoraLinear(AdapterLinear):
         M = self.mora_M.to(x.dtype) if self.mora_M.dtype != x.dtype else self.mora_M
         blocks = _wrap(x, self.length).unflatten(-1, (self.length // self.n, self.n))
         if self.mora_type == "sharing":
-            return _wrap(blocks.sum(dim=-2) @ M.T, self.base.out_features)
+            return _wrap(blocks.sum(dim=-2) @ M.T, self.out_features)
         half = self.n // 2
         rotated = blocks * self.cos.to(x.dtype) + torch.cat([-blocks[..., half:], blocks[..., :half]], dim=-1) \
             * self.sin.to(x.dtype)
-        return _fold((rotated @ M.T).flatten(-2), self.base.out_features)
+        return _fold((rotated @ M.T).flatten(-2), self.out_features)
 
     def delta(self) -> torch.Tensor:
         """dW [out, in] in the base's compute dtype: the update applied to the identity."""
-        eye = torch.eye(self.base.in_features, device=self.mora_M.device, dtype=self.mora_M.dtype)
+        eye = torch.eye(self.in_features, device=self.mora_M.device, dtype=self.mora_M.dtype)
         return self.update(eye).T.to(compute_dtype(self.base))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

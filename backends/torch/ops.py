@@ -61,12 +61,12 @@ class TorchOps:
     def round_to(self, x: torch.Tensor, dtype: str) -> torch.Tensor:
         return x.to(torch.float32).to(_STORAGE[dtype]).to(x.dtype)
 
-    def quantize(self, x: torch.Tensor, scheme):
+    def quantize(self, x: torch.Tensor, scheme, dtype: str = "float32"):
         """(QTensor on the host, bit-identical to pissa.quant; deq(Q(x)) on x's device in x's
-        dtype). See pissa_torch.quant."""
+        dtype), quantised from the storage dtype `dtype`. See pissa_torch.quant."""
         from pissa_torch.quant import quantize
 
-        return quantize(x, scheme)
+        return quantize(x, scheme, dtype)
 
     def svdvals(self, x: torch.Tensor) -> torch.Tensor:
         return torch.linalg.svdvals(x)

@@ -6,6 +6,9 @@
 - affine (int8, affine4) is pissa.quant._affine transcribed op for op in float32 torch, so it runs
   on CUDA too. Every step is one IEEE float32 operation (no fused multiply-add: torch's eager
   kernels round after each op), which is what makes the results bit-identical to numpy's.
+- A weight stored in bfloat16 or float16 is quantised from that dtype as the libraries do
+  (pissa.quant's docstring): bitsandbytes gets the bfloat16 tensor itself; the affine scales and
+  biases are rounded to it and the dequantisation computed in it, one rounding per op as MLX.
 """
 
 from __future__ import annotations
@@ -16,19 +19,23 @@ import torch
 from pissa.quant import QTensor, QuantScheme, check_fits
 
 
-def quantize(x: torch.Tensor, s: QuantScheme) -> tuple[QTensor, torch.Tensor]:
-    """Quantise x [out, in] (values representable in float32) with scheme s.
+STORAGE = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def quantize(x: torch.Tensor, s: QuantScheme, dtype: str = "float32") -> tuple[QTensor, torch.Tensor]:
+    """Quantise x [out, in] (values of a weight stored in `dtype`) with scheme s.
 
     Returns:
-        (QTensor on the host: unpacked uint8 codes and float32 scales / absmax / biases, as
-        pissa.quant.quantize gives them; deq(Q(x)) on x's device in x's dtype).
+        (QTensor on the host: unpacked uint8 codes and scales / absmax / biases as float32 arrays,
+        as pissa.quant.quantize gives them; deq(Q(x)) on x's device in x's dtype).
 
     Raises:
         PissaError: when the group size does not divide the input dimension.
     """
     check_fits(s, "the matrix", tuple(x.shape))
-    x32 = x.to(torch.float32)
-    q, deq = _nf4(x32, s) if s.kind == "nf4" else _affine(x32, s)
+    stored = x.to(torch.float32).to(STORAGE[dtype])  # exact: x holds values of that dtype
+    q, deq = _nf4(stored, s) if s.kind == "nf4" else _affine(stored.to(torch.float32), s, STORAGE[dtype])
+    q.dtype = dtype
     return q, deq.to(x.dtype)
 
 
@@ -37,7 +44,7 @@ def _nf4(x: torch.Tensor, s: QuantScheme) -> tuple[QTensor, torch.Tensor]:
 
     packed, state = bnbf.quantize_4bit(x.contiguous(), blocksize=s.group_size, quant_type="nf4",
                                        compress_statistics=False)
-    deq = bnbf.dequantize_4bit(packed, state).reshape(x.shape)
+    deq = bnbf.dequantize_4bit(packed, state).reshape(x.shape)  # in x's dtype, as bitsandbytes keeps it
     codes = unpack_nibbles(packed, x.numel()).reshape(x.shape)
     return QTensor(s, codes.cpu().numpy(), state.absmax.to(torch.float32).cpu().numpy()), deq
 
@@ -48,7 +55,7 @@ def unpack_nibbles(packed: torch.Tensor, n: int) -> torch.Tensor:
     return torch.stack((flat >> 4, flat & 15), dim=-1).reshape(-1)[:n]
 
 
-def _affine(x: torch.Tensor, s: QuantScheme) -> tuple[QTensor, torch.Tensor]:
+def _affine(x: torch.Tensor, s: QuantScheme, storage: torch.dtype) -> tuple[QTensor, torch.Tensor]:
     out, n = x.shape
     g = x.reshape(out, n // s.group_size, s.group_size)
     w_max, w_min = g.amax(dim=-1), g.amin(dim=-1)
@@ -64,17 +71,22 @@ def _affine(x: torch.Tensor, s: QuantScheme) -> tuple[QTensor, torch.Tensor]:
     scale = torch.where(nonzero, edge / torch.where(nonzero, q0, torch.ones_like(q0)), scale)
     bias = torch.where(nonzero, edge, torch.zeros_like(edge))
     codes = torch.clamp(torch.round((g - bias[..., None]) / scale[..., None]), 0.0, float((1 << s.bits) - 1))
+    # The codes come from the float32 scale and bias; what is stored is their rounding to the
+    # weight's dtype, as mx.quantize returns them.
+    scale, bias = scale.to(storage), bias.to(storage)
     deq = dequantize_affine(codes, scale, bias)
-    q = QTensor(s, codes.to(torch.uint8).reshape(out, n).cpu().numpy(), scale.cpu().numpy(), bias.cpu().numpy())
+    q = QTensor(s, codes.to(torch.uint8).reshape(out, n).cpu().numpy(), scale.float().cpu().numpy(),
+                bias.float().cpu().numpy())
     return q, deq
 
 
 def dequantize_affine(codes: torch.Tensor, scales: torch.Tensor, biases: torch.Tensor) -> torch.Tensor:
-    """scale * code + bias in float32, as pissa.quant.dequantize (a multiply, then an add).
+    """scale * code + bias in the scales' dtype, as pissa.quant.dequantize (a multiply, then an
+    add, each rounded to that dtype; codes up to 255 are exact in every float dtype).
 
     codes [out, in] (any integer or float dtype) or already grouped [out, in / g, g];
-    scales, biases float32 [out, in / g]. Returns float32 [out, in].
+    scales, biases [out, in / g], one float dtype. Returns float32 [out, in].
     """
     out, groups = scales.shape
-    c = codes.reshape(out, groups, -1).to(torch.float32)
-    return (scales[..., None] * c + biases[..., None]).reshape(out, -1)
+    c = codes.reshape(out, groups, -1).to(scales.dtype)
+    return (scales[..., None] * c + biases[..., None]).reshape(out, -1).to(torch.float32)

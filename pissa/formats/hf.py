@@ -16,6 +16,7 @@ import numpy as np
 
 from pissa.errors import PissaError
 from pissa.formats.safetensors import PlacedFile, StreamWriter
+from pissa.layouts import Layout
 
 DEFAULT_SHARD_BYTES = 2 * 1024**3
 
@@ -35,12 +36,20 @@ def model_config(config: Mapping, dtype: str) -> dict:
         cfg.setdefault("rope_theta", rope["rope_theta"])
     elif "rope_theta" in cfg and cfg.get("model_type") == "llama":
         cfg["rope_parameters"] = {"rope_type": "default", "rope_theta": cfg["rope_theta"], **(rope or {})}
+    if cfg.get("model_type") == "gpt2" and "n_positions" in cfg:
+        cfg.setdefault("n_ctx", cfg["n_positions"])  # mlx-lm requires it; transformers 5 no longer writes it
     cfg["dtype"] = dtype
     cfg["torch_dtype"] = dtype  # transformers < 5 reads this name
     return cfg
 
 
 Plan = Sequence[tuple[str, np.dtype, tuple[int, ...]]]
+
+
+def stored_plan(plan: Plan, layout: Layout) -> list[tuple[str, np.dtype, tuple[int, ...]]]:
+    """The plan as the files hold it: names and shapes as `layout` stores them (pissa.layouts:
+    only GPT-2-family Conv1D weights differ, stored [in, out] under the Hub's names)."""
+    return [(layout.stored_name(n), d, layout.shape(n, s)) for n, d, s in plan]
 
 
 def shard_layout(plan: Plan, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> list[tuple[str, list]]:
@@ -76,20 +85,25 @@ class ModelWriter:
         folder: an existing folder.
         plan: (name, numpy dtype, shape) of every tensor, in the order write() receives them.
         max_shard_bytes: shard size limit (a tensor larger than it gets a shard of its own).
+        layout: how to store them (pissa.layouts): plan, write() and the files' names and shapes
+            differ only for GPT-2-family models, whose Conv1D weights are stored [in, out].
     """
 
-    def __init__(self, folder: Path, plan: Plan, max_shard_bytes: int = DEFAULT_SHARD_BYTES):
+    def __init__(self, folder: Path, plan: Plan, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+                 layout: Layout = Layout()):
         self.folder = Path(folder)
-        self._layout = shard_layout(plan, max_shard_bytes)
+        self.layout = layout
+        self._shards = shard_layout(stored_plan(plan, layout), max_shard_bytes)
         self._index = 0
-        self._left = len(self._layout[0][1])
-        self._writer = StreamWriter(self.folder / self._layout[0][0], self._layout[0][1], {"format": "pt"})
+        self._left = len(self._shards[0][1])
+        self._writer = StreamWriter(self.folder / self._shards[0][0], self._shards[0][1], {"format": "pt"})
 
     def write(self, name: str, array: np.ndarray) -> None:
+        name, array = self.layout.stored_name(name), self.layout.store(name, array)
         if self._left == 0:
             self._writer.close()
             self._index += 1
-            file, shard = self._layout[self._index]
+            file, shard = self._shards[self._index]
             self._left = len(shard)
             self._writer = StreamWriter(self.folder / file, shard, {"format": "pt"})
         self._writer.write(name, array)
@@ -97,9 +111,9 @@ class ModelWriter:
 
     def close(self) -> None:
         self._writer.close()
-        if self._index != len(self._layout) - 1:
+        if self._index != len(self._shards) - 1:
             raise RuntimeError("ModelWriter closed before every shard was written")
-        write_index(self.folder, self._layout)
+        write_index(self.folder, self._shards)
 
 
 class PlacedModelWriter:
@@ -107,9 +121,10 @@ class PlacedModelWriter:
     processes at once: rank 0 calls create() and, once every rank has written its tensors,
     finish(); each rank writes through its own PlacedModelWriter."""
 
-    def __init__(self, folder: Path, layout: list[tuple[str, list]]):
+    def __init__(self, folder: Path, layout: list[tuple[str, list]], stored: Layout = Layout()):
         self._files = {file: PlacedFile(Path(folder) / file, shard, {"format": "pt"}) for file, shard in layout}
         self._file_of = {name: self._files[file] for file, shard in layout for name, _, _ in shard}
+        self._stored = stored
 
     @staticmethod
     def create(folder: Path, layout: list[tuple[str, list]]) -> None:
@@ -117,6 +132,7 @@ class PlacedModelWriter:
             PlacedFile.create(Path(folder) / file, shard, {"format": "pt"})
 
     def write(self, name: str, array: np.ndarray) -> None:
+        name, array = self._stored.stored_name(name), self._stored.store(name, array)
         self._file_of[name].write(name, array)
 
     def close(self) -> None:

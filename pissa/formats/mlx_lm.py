@@ -30,11 +30,12 @@ import numpy as np
 from pissa.errors import PissaError
 from pissa.formats import safetensors
 from pissa.formats.peft import Adapter
+from pissa.layouts import mlx_lm_path
 from pissa.spec import AdapterSpec, dumps
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapters.safetensors"
-_BLOCK = re.compile(r"^(?:.*\.)?layers\.(\d+)\.(.+)$")
+_BLOCK = re.compile(r"^(?:.*\.)?(?:layers|h)\.(\d+)\.(.+)$")  # model.layers (Llama), model.h (GPT-2)
 
 
 def _key(module: str) -> str:
@@ -48,7 +49,8 @@ def save_mlx_adapter(folder: str | Path, adapter: Adapter) -> None:
     into `folder` (which must exist), for `mlx_lm.load(BASE, adapter_path=folder)` or
     `mlx_lm.generate --model BASE --adapter-path folder` on the ORIGINAL base model.
 
-    Module paths must be mlx-lm's, which for Llama-family models equal the Hugging Face ones.
+    Module paths are turned into mlx-lm's: the same for Llama-family models; for GPT-2, whose
+    adapters record model_type, "transformer.h.N" becomes mlx-lm's "model.h.N" (pissa.layouts).
     An adapter_config.json already in `folder` (PEFT's) gets mlx-lm's fields added, not replaced.
 
     Raises:
@@ -58,7 +60,9 @@ def save_mlx_adapter(folder: str | Path, adapter: Adapter) -> None:
     if not adapter.factors:
         raise PissaError("the adapter has no modules; nothing to export for mlx-lm")
     tensors: dict[str, np.ndarray] = {}
+    model_type = adapter.info.get("model_type")
     for module, (A, B) in adapter.factors.items():
+        module = mlx_lm_path(model_type, module)
         tensors[f"{module}.lora_a"] = np.ascontiguousarray(A.T)   # PEFT A [r, in]  -> lora_a [in, r]
         tensors[f"{module}.lora_b"] = np.ascontiguousarray(B.T)   # PEFT B [out, r] -> lora_b [r, out]
     safetensors.save(folder / WEIGHTS, tensors, metadata={"format": "mlx"})

@@ -63,6 +63,8 @@ def save_adapter(path: str | Path, adapter: Adapter) -> None:
         tensors.update((tensor_key(module, name), p) for name, p in zip(names, params))
     safetensors.save(path / WEIGHTS, tensors, metadata={"format": "pt"})
     cfg = adapter.spec.to_peft_config(initialized=True, base_model=adapter.base_model)
+    # PEFT's flag for a base weight stored [in, out] (GPT-2's Conv1D); A and B keep their shapes.
+    cfg["fan_in_fan_out"] = bool(adapter.info.get("fan_in_fan_out", False))
     (path / CONFIG).write_text(dumps(cfg))
     (path / SIDECAR).write_text(dumps({"spec": adapter.spec.to_dict(), **adapter.info}))
 
@@ -102,6 +104,8 @@ def load_adapter(path: str | Path) -> Adapter:
     problems += [f"{m}: {why}" for m, params in factors.items() if (why := kind.inconsistent(spec, params))]
     if problems:
         raise PissaError(f"{path}: {len(problems)} problem(s): " + "; ".join(problems))
+    if cfg.get("fan_in_fan_out"):  # an adapter PEFT wrote for a Conv1D model (GPT-2)
+        extra["fan_in_fan_out"] = True
     return Adapter(spec, factors, base_model=cfg.get("base_model_name_or_path"), info=extra)
 
 
@@ -113,7 +117,8 @@ def check_fits(adapter: Adapter, shapes: Mapping[str, tuple[int, int]]) -> None:
             every shape mismatch.
     """
     problems = [f"{m}: not a target linear layer of this model" for m in adapter.factors if m not in shapes]
-    problems += [f"{m}: no adapter weights" for m in shapes if m not in adapter.factors]
+    if not adapter.spec.kind_module.EMPTY_INIT:  # full fine-tuning's init stores no weights
+        problems += [f"{m}: no adapter weights" for m in shapes if m not in adapter.factors]
     problems += misfits(adapter, {m: s for m, s in shapes.items() if m in adapter.factors})
     if problems:
         raise PissaError(f"the adapter does not fit this model ({len(problems)} problem(s)): " + "; ".join(problems))

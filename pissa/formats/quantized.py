@@ -8,18 +8,23 @@ QPiSSA writes its quantised residual model in one of two layouts, chosen by the 
     M.weight.absmax                          float32 [out * in / group]
     M.weight.quant_map                       float32 [16], the NF4 levels
     M.weight.quant_state.bitsandbytes__nf4   uint8, the JSON {"quant_type", "blocksize",
-                                             "dtype", "shape"}
+                                             "dtype" (the storage dtype), "shape"}
   and config.json gets a "quantization_config" with quant_method "bitsandbytes",
   load_in_4bit, nf4, no double quantisation, and every linear layer that is NOT quantised in
   llm_int8_skip_modules. transformers + bitsandbytes load it as Linear4bit layers.
 - affine (affine4, int8): mlx-lm's quantised layout. For a quantised module M:
     M.weight   uint32 [out, in * bits / 32], codes packed from the low bits up
-    M.scales   float32 [out, in / group]
-    M.biases   float32 [out, in / group]
+    M.scales   [out, in / group], in the storage dtype
+    M.biases   [out, in / group], in the storage dtype
   and config.json gets "quantization" = {"group_size", "bits", "mode": "affine"} (and the same
   under "quantization_config"). mlx_lm.load quantises exactly the modules that have .scales.
 
 Both configs also carry "pissa_quantization": {"scheme", "group_size", "bits", "modules"}.
+A bfloat16 (or float16) residual is stored as the libraries store a bfloat16 model's weights
+(checked against transformers + bitsandbytes and mlx_lm.convert on a bfloat16 folder): nf4 keeps
+absmax and quant_map float32, the packed codes uint8 (bnb_4bit_quant_storage) and the compute
+dtype float32 (transformers' default), with "dtype": "bfloat16" in the quant state; affine stores
+scales and biases in bfloat16.
 
 Reading (for already-quantised input models) covers these two layouts plus bitsandbytes' double
 quantisation (nested absmax) and 8-bit (LLM.int8) weights; `unquantized_view` turns such a
@@ -34,7 +39,8 @@ from typing import Callable, Mapping
 import numpy as np
 
 from pissa.errors import PissaError
-from pissa.quant import NF4_LEVELS, QTensor, QuantScheme, scheme as make_scheme
+from pissa.formats.safetensors import np_dtype
+from pissa.quant import NF4_LEVELS, QTensor, QuantScheme, round_to, scheme as make_scheme
 
 BNB_STATE = "quant_state.bitsandbytes__nf4"
 BNB_FP4_LEVELS = np.array([0.0, 0.005208333333333333, 0.6666666666666666, 1.0, 0.3333333333333333, 0.5,
@@ -47,35 +53,38 @@ def layout(s: QuantScheme) -> str:
     return "bnb" if s.kind == "nf4" else "mlx"
 
 
-def _bnb_state_json(s: QuantScheme, shape: tuple[int, int]) -> bytes:
-    return json.dumps({"quant_type": "nf4", "blocksize": s.group_size, "dtype": "float32",
+def _bnb_state_json(s: QuantScheme, shape: tuple[int, int], dtype: str) -> bytes:
+    return json.dumps({"quant_type": "nf4", "blocksize": s.group_size, "dtype": dtype,
                        "shape": list(shape)}).encode()
 
 
-def plan(module: str, shape: tuple[int, int], s: QuantScheme) -> list[tuple[str, np.dtype, tuple[int, ...]]]:
-    """(name, dtype, shape) of the tensors that store module's quantised weight, in write order."""
+def plan(module: str, shape: tuple[int, int], s: QuantScheme,
+         dtype: str = "float32") -> list[tuple[str, np.dtype, tuple[int, ...]]]:
+    """(name, dtype, shape) of the tensors that store module's quantised weight, in write order,
+    for a weight stored in `dtype` (see the module docstring)."""
     out, n = shape
     if layout(s) == "bnb":
         return [(f"{module}.weight", np.dtype(np.uint8), (out * n // 2, 1)),
                 (f"{module}.weight.absmax", np.dtype(np.float32), (out * n // s.group_size,)),
                 (f"{module}.weight.quant_map", np.dtype(np.float32), (16,)),
-                (f"{module}.weight.{BNB_STATE}", np.dtype(np.uint8), (len(_bnb_state_json(s, shape)),))]
+                (f"{module}.weight.{BNB_STATE}", np.dtype(np.uint8), (len(_bnb_state_json(s, shape, dtype)),))]
     return [(f"{module}.weight", np.dtype(np.uint32), (out, n * s.bits // 32)),
-            (f"{module}.scales", np.dtype(np.float32), (out, n // s.group_size)),
-            (f"{module}.biases", np.dtype(np.float32), (out, n // s.group_size))]
+            (f"{module}.scales", np_dtype(dtype), (out, n // s.group_size)),
+            (f"{module}.biases", np_dtype(dtype), (out, n // s.group_size))]
 
 
 def pack(module: str, q: QTensor) -> list[tuple[str, np.ndarray]]:
-    """The tensors of plan(), filled from q."""
+    """The tensors of plan(module, q.shape, q.scheme, q.dtype), filled from q."""
     s = q.scheme
     if layout(s) == "bnb":
         flat = q.codes.reshape(-1)
         packed = ((flat[0::2] << 4) | flat[1::2]).astype(np.uint8).reshape(-1, 1)
-        state = np.frombuffer(_bnb_state_json(s, q.shape), dtype=np.uint8)
+        state = np.frombuffer(_bnb_state_json(s, q.shape, q.dtype), dtype=np.uint8)
         return [(f"{module}.weight", packed), (f"{module}.weight.absmax", q.scales.astype(np.float32)),
                 (f"{module}.weight.quant_map", NF4_LEVELS.copy()), (f"{module}.weight.{BNB_STATE}", state.copy())]
-    return [(f"{module}.weight", pack_bits(q.codes, s.bits)), (f"{module}.scales", q.scales.astype(np.float32)),
-            (f"{module}.biases", q.biases.astype(np.float32))]
+    dt = np_dtype(q.dtype)  # exact: the values are already of that dtype
+    return [(f"{module}.weight", pack_bits(q.codes, s.bits)), (f"{module}.scales", q.scales.astype(dt)),
+            (f"{module}.biases", q.biases.astype(dt))]
 
 
 def pack_bits(codes: np.ndarray, bits: int) -> np.ndarray:
@@ -128,9 +137,12 @@ def describe(config: Mapping) -> str | None:
 
 
 def unquantized_view(config: Mapping, shapes: Mapping[str, tuple[int, ...]],
-                     get: Callable[[str], np.ndarray], where: str) -> tuple[dict[str, tuple[int, ...]], Callable[[str], np.ndarray]]:
+                     get: Callable[[str], np.ndarray], where: str, dtypes: Mapping[str, str] | None = None
+                     ) -> tuple[dict[str, tuple[int, ...]], Callable[[str], np.ndarray]]:
     """For a quantised folder: the logical tensors (float weights [out, in]) and a getter that
-    dequantises them to float32. Unquantised tensors pass through.
+    dequantises them to float32, as the library computes them for the stored dtype (dtypes: the
+    raw tensors' storage dtypes, "bfloat16", ...; absent ones count as float32). Unquantised
+    tensors pass through.
 
     Raises:
         PissaError: for a quantisation this module cannot dequantise, naming it.
@@ -140,14 +152,14 @@ def unquantized_view(config: Mapping, shapes: Mapping[str, tuple[int, ...]],
         return dict(shapes), get
     if kind.startswith("mlx affine"):
         q = config["quantization"]
-        return _mlx_view(shapes, get, int(q.get("bits", 4)), int(q.get("group_size", 64)))
+        return _mlx_view(shapes, get, int(q.get("bits", 4)), int(q.get("group_size", 64)), dtypes or {})
     if kind.startswith("bitsandbytes") and kind.split()[-1] in ("nf4", "fp4", "int8"):
         return _bnb_view(shapes, get, kind.split()[-1], where)
     raise PissaError(f"{where} is quantised as {kind}, which pissa cannot dequantise; pass the unquantised "
                      "model, or one quantised with bitsandbytes (nf4, fp4, int8) or MLX (affine)")
 
 
-def _mlx_view(shapes, get, bits, group):
+def _mlx_view(shapes, get, bits, group, dtypes):
     logical: dict[str, tuple[int, ...]] = {}
     modules = {n[: -len(".scales")] for n in shapes if n.endswith(".scales")}
     for n, shape in shapes.items():
@@ -162,7 +174,7 @@ def _mlx_view(shapes, get, bits, group):
         if m not in modules or not name.endswith(".weight"):
             return get(name)
         qt = QTensor(s, unpack_bits(get(name), bits), np.asarray(get(f"{m}.scales"), np.float32),
-                     np.asarray(get(f"{m}.biases"), np.float32))
+                     np.asarray(get(f"{m}.biases"), np.float32), dtypes.get(f"{m}.scales", "float32"))
         from pissa.quant import dequantize
 
         return dequantize(qt)
@@ -216,7 +228,9 @@ def _bnb_view(shapes, get, kind, where):
             NF4_LEVELS if qt == "nf4" else BNB_FP4_LEVELS)
         vals = levels[codes[:n]]
         vals = np.pad(vals, (0, -n % block)).reshape(-1, block) * absmax[:, None]
-        return vals.reshape(-1)[:n].reshape(st["shape"])
+        # dequantize_4bit returns the quant state's dtype: one rounding of the float32 product.
+        dtype = st.get("dtype") if st.get("dtype") in ("bfloat16", "float16") else "float32"
+        return round_to(vals.reshape(-1)[:n].reshape(st["shape"]), dtype)
     return logical, read
 
 

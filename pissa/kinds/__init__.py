@@ -10,6 +10,10 @@ functions per framework), and nothing outside it knows a kind's parameters:
     RESIDUAL     whether its init changes the base weights (PiSSA) or leaves them as they are
     RECORDS_SHAPES  whether its adapters record each weight's [out, in] (when the parameters do not
                  give it), as "shapes" in pissa_config.json
+    EMPTY_INIT   whether its init stores no parameters (a module without them starts from its base
+                 weight: full fine-tuning)
+    OUTPUT       what a finished run writes: "adapter" (RUN_DIR/adapter, and RUN_DIR/lora when it
+                 converts) or "model" (RUN_DIR/model, the whole merged model)
     check(spec)                          kind-specific validation of a spec (PissaError)
     scale(spec)                          the factor the update is multiplied by
     shapes(spec, shape)                  the parameter shapes for a weight of shape [out, in]
@@ -18,6 +22,7 @@ functions per framework), and nothing outside it knows a kind's parameters:
     init(Ws, names, spec, ops)           [Init] for same-shape weights [out, in] (host numpy)
     delta(spec, params, shape)           the dense update dW [out, in] as float64 numpy: the oracle
                                          every backend's forward is tested against
+    merged(spec, params, W)              the weight with the adapter merged in (float32)
     peft_fields(spec) / from_peft(cfg)   its extra adapter_config.json fields, both ways (PEFT_KEYS
                                          names them; from_peft returns None for another kind's config)
     converts(spec)                       whether to_lora exists for this spec
@@ -51,9 +56,9 @@ class Init:
 
 
 def _registry() -> dict[str, ModuleType]:
-    from pissa.kinds import lora, mora
+    from pissa.kinds import full, lora, mora
 
-    return {m.NAME: m for m in (lora, mora)}
+    return {m.NAME: m for m in (lora, mora, full)}
 
 
 def all_inits() -> tuple[str, ...]:

@@ -12,12 +12,12 @@ With L = ceil(in / r_hat) r_hat, x is first padded to length L by wrapping (x_pa
   The L outputs are then folded onto `out`: tiled and truncated when L <= out, and, when L > out,
   summed modulo out. dW = T blockdiag(M R_b) P: full rank in general.
 
-Two defects of the public code are fixed here (REFERENCE.md section 5). For rotation with L > out
-it truncates the L outputs to `out`, so the inputs of the blocks past `out` never reach dW
-(886 of SmolLM2-135M's 1536 down_proj inputs at r = 8); we sum the blocks past `out` onto the
-first ones instead. And its rotation merge fails when in <= r_hat; ours is the dense product
-below, defined for every shape, as is the wrap padding when in < r_hat (the public forward
-pads with x[:pad], which is too short then).
+Two defects of the public code (kongds/MoRA, peft-mora/src/peft/tuners/lora/layer.py) are fixed
+here. For rotation with L > out it truncates the L outputs to `out`, so the inputs of the blocks
+past `out` never reach dW (886 of SmolLM2-135M's 1536 down_proj inputs at r = 8); we sum the
+blocks past `out` onto the first ones instead. And its rotation merge fails when in <= r_hat;
+ours is the dense product below, defined for every shape, as is the wrap padding when
+in < r_hat (the public forward pads with x[:pad], which is too short then).
 
 File layout (the public code's): M is stored as "lora_A" ([r_hat, r_hat]), and adapter_config.json
 carries "use_mora": true and "mora_type": 1 (sharing) or 6 (rotation) beside PEFT's fields.
@@ -32,11 +32,14 @@ import numpy as np
 
 from pissa.errors import PissaError
 from pissa.kinds import Init
+from pissa.layouts import BASE_MODEL_INFO
 
 NAME = "mora"
 INITS = ("mora",)
 TENSORS = ("lora_A",)
 RECORDS_SHAPES = True  # pissa_config.json "shapes": [out, in] of each module
+EMPTY_INIT = False
+OUTPUT = "adapter"
 RESIDUAL = False
 TYPES = {"sharing": 1, "rotation": 6}   # our names -> the public code's mora_type numbers
 PEFT_KEYS = ("use_mora", "mora_type")
@@ -145,6 +148,11 @@ def delta(spec, params: tuple[np.ndarray, ...], shape: tuple[int, int], dtype=np
 
 
 # ---------------------------------------------------------------------- files and conversion
+def merged(spec, params: tuple[np.ndarray, ...], W: np.ndarray) -> np.ndarray:
+    """W + dW in float32 (the arithmetic `pissa merge` has always used)."""
+    return W.astype(np.float32) + delta(spec, params, W.shape, np.float32)
+
+
 def peft_fields(spec) -> dict[str, Any]:
     return {"use_mora": True, "mora_type": TYPES[spec.mora_type]}
 
@@ -206,4 +214,5 @@ def to_lora(initial, trained):
     lora = AdapterSpec(rank=rank, alpha=float(rank), targets=tuple(sorted(factors)), init="lora",
                        dtype=spec.dtype, compute_dtype=spec.compute_dtype)
     return type(trained)(lora, factors, base_model=trained.info.get("source") or trained.base_model,
-                         info={"role": "lora", "converted_from": "mora-sharing"})
+                         info={"role": "lora", "converted_from": "mora-sharing",
+                               **{k: trained.info[k] for k in BASE_MODEL_INFO if k in trained.info}})

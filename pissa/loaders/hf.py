@@ -8,11 +8,13 @@ from pathlib import Path
 
 import numpy as np
 
+from pissa import layouts
 from pissa.errors import PissaError
 from pissa.formats import quantized
 from pissa.formats.safetensors import SafetensorsFile
 
 INDEX = "model.safetensors.index.json"
+_STORED = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}  # safetensors dtype -> storage dtype
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json")
 
@@ -66,7 +68,12 @@ class HFSource:
             self._open_single()
         # A quantised folder (MLX affine, bitsandbytes) is seen through its dequantised weights.
         raw = {n: f.shape(n) for n, f in self._where.items()}
-        self._shapes, self._read = quantized.unquantized_view(self.config, raw, self._raw_get, str(self.path))
+        stored = {n: _STORED.get(f.dtype(n), "float32") for n, f in self._where.items()}
+        shapes, self._read = quantized.unquantized_view(self.config, raw, self._raw_get, str(self.path), stored)
+        # GPT-2's Conv1D weights are stored [in, out], and its Hub files lack the module paths'
+        # prefix: pissa sees module paths and [out, in] (pissa.layouts).
+        self.layout = layouts.of(self.config, list(shapes), str(self.path), quantized.describe(self.config))
+        self._shapes = {self.layout.name(n): self.layout.shape(self.layout.name(n), s) for n, s in shapes.items()}
 
     def _open_sharded(self) -> None:
         index = self.path / INDEX
@@ -106,7 +113,7 @@ class HFSource:
         return dict(self._shapes)
 
     def get(self, name: str) -> np.ndarray:
-        return self._read(name)
+        return self.layout.load(name, self._read(self.layout.stored_name(name)))
 
     def _raw_get(self, name: str) -> np.ndarray:
         a = self._where[name].get(name)

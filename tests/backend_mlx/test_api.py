@@ -3,6 +3,8 @@ and the refusals (quantised base, an adapter for another model)."""
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 
@@ -12,7 +14,7 @@ from mlx import nn  # noqa: E402
 from mlx.utils import tree_flatten  # noqa: E402
 from pissa_mlx import PissaLinear, adapter_state_dict, apply, load, merge, save_adapter, unmerge  # noqa: E402
 from pissa_mlx.api import load_base  # noqa: E402
-from pissa_mlx.ops import make_ops  # noqa: E402
+from pissa_mlx.ops import MlxOps, make_ops  # noqa: E402
 
 from pissa.errors import PissaError  # noqa: E402
 from pissa.formats.peft import Adapter, load_adapter  # noqa: E402
@@ -51,11 +53,21 @@ def test_thin_svd_through_qr(shape, dtype):
     np.testing.assert_allclose(np.array(S), np.linalg.svd(W, compute_uv=False), rtol=1e-10 if dtype == "float64" else 1e-5)
 
 
-def test_float64_is_kept_and_runs_on_the_cpu_stream():
+def test_float64_is_kept_and_runs_on_the_cpu_stream(monkeypatch):
+    """Metal has no float64, so scope() puts float64 work on the CPU stream, and float32 work on
+    the ops' own device. The stream scope() asks for is recorded rather than observed: on Linux
+    every device is the CPU, where running on the wrong stream could not fail."""
     ops = make_ops()
     x = ops.asarray(np.ones((2, 2)), "float64")
     assert x.dtype == mx.float64  # mx.array(np.float64) alone would give float32
-    assert ops.scope("float64") is not None
+    asked = []
+    monkeypatch.setattr(mx, "stream", lambda s: asked.append(s) or contextlib.nullcontext())
+    gpu = MlxOps(mx.gpu)  # built directly: make_ops("gpu") refuses where there is no Metal
+    for ops, compute, stream in ((gpu, "float64", mx.cpu), (gpu, "float32", mx.gpu),
+                                 (make_ops("cpu"), "float32", mx.cpu)):
+        with ops.scope(compute):
+            pass
+        assert asked and asked.pop() == stream, (ops.device, compute)
     with pytest.raises(PissaError, match="unknown MLX device"):
         make_ops("cuda")
 

@@ -13,7 +13,7 @@ from pissa.cli import main  # noqa: E402
 from pissa.formats.peft import load_adapter  # noqa: E402
 from pissa.formats.safetensors import load  # noqa: E402
 from tests.backend_mlx.conftest import RUN, run_cli  # noqa: E402
-from tests.conftest import DATA, PROMPT_IDS, rel_max_diff  # noqa: E402
+from tests.conftest import DATA, PROMPT_IDS, interrupt_at, rel_max_diff  # noqa: E402
 
 
 def train(model, out, *extra, data=DATA / "train.jsonl"):
@@ -50,22 +50,13 @@ def test_run_folder_has_everything(mlx_run):
 
 def test_interrupt_leaves_a_checkpoint_and_resume_reproduces_the_run(tiny_chat, tmp_path, monkeypatch, mlx_run,
                                                                      small_eval):
-    import pissa.loop as loop  # the step loop both backends share
-
-    real = loop.lr_at
-
-    def interrupt_at_step_6(step, cfg):
-        if step == 6:
-            raise KeyboardInterrupt
-        return real(step, cfg)
-
     out = tmp_path / "r"
     args = ["--eval-data", str(small_eval), *RUN]
-    monkeypatch.setattr(loop, "lr_at", interrupt_at_step_6)
+    resume = interrupt_at(monkeypatch, 6)
     assert train(tiny_chat, out, *args) == 130
     assert (out / "checkpoints" / "step-000006" / "optimizer.safetensors").exists()
     assert not (out / "adapter").exists()
-    monkeypatch.setattr(loop, "lr_at", real)
+    resume()
     assert train(tiny_chat, out, *args, "--resume") == 0
     # CPU training is deterministic: the resumed run (adapter and AdamW state restored) ends
     # exactly where the uninterrupted one did.

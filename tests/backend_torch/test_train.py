@@ -13,7 +13,7 @@ torch = pytest.importorskip("torch")
 from pissa.cli import main  # noqa: E402
 from pissa.formats.peft import load_adapter  # noqa: E402
 from pissa.formats.safetensors import load  # noqa: E402
-from tests.conftest import DATA, rel_max_diff  # noqa: E402
+from tests.conftest import DATA, interrupt_at, rel_max_diff  # noqa: E402
 
 FAST = ["--batch-size", "2", "--max-seq-len", "128", "--no-progress", "--backend", "torch"]
 
@@ -53,23 +53,14 @@ def test_run_folder_has_everything(run):
 
 
 def test_interrupt_leaves_a_checkpoint_and_resume_reproduces_the_run(tiny_chat, tmp_path, monkeypatch, run):
-    import pissa.loop as loop  # the step loop both backends share
-
-    real = loop.lr_at
-
-    def interrupt_at_step_6(step, cfg):
-        if step == 6:
-            raise KeyboardInterrupt
-        return real(step, cfg)
-
     out = tmp_path / "r"
     args = ["--eval-data", str(DATA / "eval.jsonl"), "--steps", "8", "--eval-every", "4", "--save-every", "4",
             "--lr", "3e-3"]
-    monkeypatch.setattr(loop, "lr_at", interrupt_at_step_6)
+    resume = interrupt_at(monkeypatch, 6)
     assert train(tiny_chat, out, *args) == 130
     assert (out / "checkpoints" / "step-000006" / "state.json").exists()
     assert not (out / "adapter").exists()
-    monkeypatch.setattr(loop, "lr_at", real)
+    resume()
     assert train(tiny_chat, out, *args, "--resume") == 0
     # CPU training is deterministic: the resumed run ends exactly where the uninterrupted one did.
     a, b = load(out / "adapter" / "adapter_model.safetensors"), load(run / "adapter" / "adapter_model.safetensors")

@@ -11,7 +11,7 @@ import pytest
 
 from pissa.cli import main
 from pissa.formats.peft import load_adapter
-from tests.conftest import BACKENDS, DATA, PROMPT_IDS, rel_max_diff
+from tests.conftest import BACKENDS, DATA, PROMPT_IDS, interrupt_at, rel_max_diff
 
 TRAINING = [b for b in BACKENDS if b != "numpy"]
 FAST = ["--batch-size", "2", "--max-seq-len", "128", "--no-progress"]
@@ -48,20 +48,11 @@ def test_run_folder_and_learning(backend, runs):
 
 @pytest.mark.parametrize("backend", TRAINING)
 def test_interrupt_and_resume_reproduce_the_run(backend, runs, tiny_mora, tmp_path, monkeypatch):
-    import pissa.loop as loop
-
-    real = loop.lr_at
-
-    def interrupt_at_step_3(step, cfg):
-        if step == 3:
-            raise KeyboardInterrupt
-        return real(step, cfg)
-
     out = tmp_path / "r"
-    monkeypatch.setattr(loop, "lr_at", interrupt_at_step_3)
+    resume = interrupt_at(monkeypatch, 3)
     assert train(backend, tiny_mora["rotation"], out, *RUN) == 130
     assert (out / "checkpoints" / "step-000003" / "state.json").exists() and not (out / "adapter").exists()
-    monkeypatch.setattr(loop, "lr_at", real)
+    resume()
     assert train(backend, tiny_mora["rotation"], out, *RUN, "--resume") == 0
     a, b = load_adapter(out / "adapter"), load_adapter(runs[backend, "rotation"] / "adapter")
     for m, (M,) in b.factors.items():  # CPU training is deterministic

@@ -37,8 +37,9 @@ METHODS = {
     "pissa": dict(init="pissa-fast"),
     "mora-sharing": dict(init="mora", mora_type="sharing"),
     "mora-rotation": dict(init="mora", mora_type="rotation"),
+    "full": dict(init="full"),
 }
-DEFAULT_LR = {"lora": 2e-3, "pissa": 2e-3, "mora-sharing": 2e-3, "mora-rotation": 2e-3}
+DEFAULT_LR = {"lora": 2e-3, "pissa": 2e-3, "mora-sharing": 2e-3, "mora-rotation": 2e-3, "full": 1e-4}
 
 
 def make_pairs(n: int, seed: int) -> list[tuple[str, str]]:
@@ -77,6 +78,23 @@ def answers(backend: str, model_dir: Path, adapter: Path, prompts: list[str], ba
     return out
 
 
+def weight_change(init: Path, adapter: Path) -> float:
+    """||W_t - W_0||_F / ||W_0||_F over every target, each W as its kind merges the adapter (W_0:
+    with the init's own adapter, which for every kind here is the model itself)."""
+    from pissa.formats.peft import load_adapter
+    from pissa.loaders import open_model
+
+    start, trained = load_adapter(init / "pissa_init"), load_adapter(adapter)
+    kind, base = trained.spec.kind_module, open_model(str(init))
+    moved = total = 0.0
+    for module, params in trained.factors.items():
+        W = base.get(module + ".weight")
+        W0 = kind.merged(start.spec, start.factors[module], W) if start.factors.get(module) else W
+        moved += float(np.sum((kind.merged(trained.spec, params, W).astype(np.float64) - W0) ** 2))
+        total += float(np.sum(W0.astype(np.float64) ** 2))
+    return (moved / total) ** 0.5
+
+
 def run_method(backend: str, method: str, lr: float, args, data: Path, pairs, root: Path) -> dict:
     init = root / f"init-{method}"
     if not (init / "pissa_init").is_dir():
@@ -91,20 +109,24 @@ def run_method(backend: str, method: str, lr: float, args, data: Path, pairs, ro
     seconds = time.perf_counter() - t0
     prompts = [f"{a}\n" for a, _ in pairs]
     accuracy = {}
+    first = run / "checkpoints" / f"step-{args.eval_every:06d}" / "adapter"
+    moved = weight_change(init, first)
+    print(f"  {backend} {method}: weights moved {moved:.2e} (relative) by step {args.eval_every}", flush=True)
     for step in range(args.eval_every, args.steps + 1, args.eval_every):
         adapter = run / "checkpoints" / f"step-{step:06d}" / "adapter"
         got = answers(backend, init, adapter, prompts, args.batch_size)
         accuracy[step] = float(np.mean([char_accuracy(g, b) for g, (_, b) in zip(got, pairs)]))
         print(f"  {backend} {method} step {step}: char accuracy {accuracy[step]:.1%}", flush=True)
     return {"lr": lr, "accuracy": accuracy, "final_loss": summary["loss"], "train_seconds": seconds,
-            "tokens_per_s": summary["tokens_per_s"]}
+            "tokens_per_s": summary["tokens_per_s"], "moved": moved}
 
 
 def table(backend: str, results: dict, steps: list[int]) -> str:
-    head = f"| {backend} | lr | " + " | ".join(f"step {s}" for s in steps) + " | final loss |"
-    rule = "|" + " --- |" * (len(steps) + 3)
+    head = (f"| {backend} | lr | " + " | ".join(f"step {s}" for s in steps)
+            + f" | final loss | weights moved by step {steps[0]} |")
+    rule = "|" + " --- |" * (len(steps) + 4)
     rows = [f"| {m} | {r['lr']:g} | " + " | ".join(f"{100 * r['accuracy'][s]:.1f}" for s in steps)
-            + f" | {r['final_loss']:.3f} |" for m, r in results.items()]
+            + f" | {r['final_loss']:.3f} | {r['moved']:.2e} |" for m, r in results.items()]
     return "\n".join([head, rule, *rows])
 
 
@@ -113,10 +135,10 @@ def main() -> int:
     p.add_argument("--backend", default="torch", help="torch, mlx or both")
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--lr", action="append", default=[], help="METHOD=LR (repeatable)")
-    p.add_argument("--pairs", type=int, default=64)
-    p.add_argument("--steps", type=int, default=64)
-    p.add_argument("--eval-every", type=int, default=16)
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--pairs", type=int, default=32)
+    p.add_argument("--steps", type=int, default=96)
+    p.add_argument("--eval-every", type=int, default=24)
+    p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="out/bench_memorize")

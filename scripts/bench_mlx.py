@@ -28,6 +28,9 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _bench import threading_environment  # noqa: E402
+
 BATCH = 4
 SEQ = int(os.environ.get("PISSA_BENCH_SEQ", "256"))  # --seq sets it for the children too (smoke runs)
 QUANT, GROUP = "affine4", 64  # QPiSSA's scheme here, and the 4-bit group-64 quantisation of QLoRA
@@ -198,6 +201,7 @@ def main() -> None:
     blas = os.environ.get("LD_PRELOAD", "") if sys.platform == "linux" else "n/a"
     print(f"# bench_mlx: SmolLM2-135M, fp32, all linear layers, r=16, MLX {mx.__version__} on "
           f"{mx.default_device()} ({os.cpu_count()} CPU cores), LD_PRELOAD={blas or 'none'}, {time.strftime('%Y-%m-%d')}")
+    print("# " + threading_environment())
     if sys.platform == "linux" and "openblas" not in blas:
         print("# warning: OpenBLAS is not preloaded; MLX matmuls use the reference BLAS (. scripts/env.sh)")
     rows: list[tuple[str, str, str, str]] = []

@@ -22,9 +22,13 @@ import sys
 import time
 from pathlib import Path
 
-from pissa.init import run_init
-from pissa.quant import scheme
-from pissa.spec import AdapterSpec
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _bench import threading_environment  # noqa: E402
+
+from pissa.init import run_init  # noqa: E402
+from pissa.quant import scheme  # noqa: E402
+from pissa.spec import AdapterSpec  # noqa: E402
+
 
 KINDS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -40,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--backend", default="numpy")
     ap.add_argument("--out", default="bench_qpissa", help="folder for the reports and the plot")
     args = ap.parse_args(argv)
+    print(threading_environment())
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -72,12 +77,11 @@ def main(argv: list[str] | None = None) -> int:
         if worse:
             print(f"         after 1 iteration, {len(worse)} matrices are not better than QLoRA, e.g. {worse[0]}")
     print("paper (LLaMA-2-7B, NF4, r=128): 10.7% after 1 iteration, 19.4% after 5 (LoftQ: 6.6%, 14.6%)")
-    import plot_quant_report  # scripts/ is on sys.path (below)
+    import plot_quant_report  # scripts/ is on sys.path (above)
 
     plot_quant_report.main([*reports, "--out", str(out / "qpissa_reduction.png")])
     return 0
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     sys.exit(main())

@@ -24,6 +24,9 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _bench import threading_environment  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "data" / "arith"
 
@@ -198,6 +201,7 @@ def main() -> None:
     import torch
 
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    print("# " + threading_environment())
     name = torch.cuda.get_device_name() if device.startswith("cuda") else f"CPU ({os.cpu_count()} cores)"
     print(f"# bench_torch: SmolLM2-135M, fp32 weights, all linear layers, r=16, device {device} [{name}], "
           f"torch {torch.__version__}, {time.strftime('%Y-%m-%d')}")

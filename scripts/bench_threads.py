@@ -7,7 +7,7 @@ With OMP_WAIT_POLICY=PASSIVE their idle threads sleep, and LAPACK's SVD, made of
 calls, wakes them thousands of times; with unbounded spinning, two jobs on the same cores steal
 each other's time. GOMP_SPINCOUNT bounds the spin.
 
-    python scripts/bench_threads.py [--settings passive,default,bounded] [--steps 8] [--skip-mlx]
+    python scripts/bench_threads.py [--settings passive,default,bounded,one-thread] [--steps 8] [--skip-mlx]
 
 Each measurement runs in a fresh process with the setting in its environment (the variables are
 read when OpenMP starts); two-job rows start both processes together and report both.
@@ -32,7 +32,10 @@ SETTINGS = {
     "default": {},
     "bounded": {"GOMP_SPINCOUNT": "10000"},
     "active": {"OMP_WAIT_POLICY": "ACTIVE"},
+    "one-thread": {"OMP_NUM_THREADS": "1"},
+    "one-thread-passive": {"OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"},
 }
+TIMEOUT = 600  # a job still running after this is stopped and reported as "> 600"
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -54,19 +57,27 @@ def train_cmd(model: Path, out: Path, backend: str, steps: int) -> list[str]:
 
 
 def run_jobs(cmds: list[list[str]], env: dict[str, str]) -> list[float]:
-    """Start the commands together; each one's wall time in seconds."""
+    """Start the commands together; each one's wall time in seconds (inf past TIMEOUT: all are
+    stopped then)."""
     start = time.perf_counter()
     procs = [subprocess.Popen(c, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for c in cmds]
     times = []
     for p in procs:
-        _, err = p.communicate()
+        try:
+            _, err = p.communicate(timeout=max(1.0, TIMEOUT - (time.perf_counter() - start)))
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            return [float("inf")] * len(cmds)
         if p.returncode != 0:
             raise SystemExit(f"failed: {' '.join(p.args)}\n{err[-2000:]}")
         times.append(time.perf_counter() - start)
     return times
 
 
-def tokens_per_s(run: Path) -> float:
+def tokens_per_s(run: Path, seconds: float) -> float:
+    if seconds == float("inf"):
+        return 0.0
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if "loss" in line]
     return rows[-1]["tokens_per_s"]
 
@@ -86,21 +97,25 @@ def main() -> int:
     rows = []
     for setting in args.settings.split(","):
         env = child_env(setting)
-        one = run_jobs([init_cmd(tmp / "i1")], env)
-        two = run_jobs([init_cmd(tmp / "i2a"), init_cmd(tmp / "i2b")], env)
-        row = {"setting": setting, "init 1 job (s)": one[0], "init 2 jobs (s)": max(two)}
-        for backend in backends:
-            run_jobs([train_cmd(model, tmp / "t1", backend, args.steps)], env)
-            row[f"{backend} train 1 job (tok/s)"] = tokens_per_s(tmp / "t1")
-            run_jobs([train_cmd(model, tmp / "t2a", backend, args.steps),
-                      train_cmd(model, tmp / "t2b", backend, args.steps)], env)
-            row[f"{backend} train 2 jobs (tok/s each)"] = (tokens_per_s(tmp / "t2a") + tokens_per_s(tmp / "t2b")) / 2
-        rows.append(row)
+        row = {"setting": setting}
+        row["init 1 job (s)"] = run_jobs([init_cmd(tmp / "i1")], env)[0]
         print(json.dumps(row), flush=True)
+        row["init 2 jobs (s)"] = max(run_jobs([init_cmd(tmp / "i2a"), init_cmd(tmp / "i2b")], env))
+        print(json.dumps(row), flush=True)
+        for backend in backends:
+            t = run_jobs([train_cmd(model, tmp / "t1", backend, args.steps)], env)
+            row[f"{backend} train 1 job (tok/s)"] = tokens_per_s(tmp / "t1", t[0])
+            t = run_jobs([train_cmd(model, tmp / "t2a", backend, args.steps),
+                          train_cmd(model, tmp / "t2b", backend, args.steps)], env)
+            row[f"{backend} train 2 jobs (tok/s each)"] = (tokens_per_s(tmp / "t2a", t[0]) +
+                                                           tokens_per_s(tmp / "t2b", t[1])) / 2
+            print(json.dumps(row), flush=True)
+        rows.append(row)
     keys = list(rows[0])
     print("\n| " + " | ".join(keys) + " |\n|" + " --- |" * len(keys))
     for r in rows:
-        print("| " + " | ".join(r["setting"] if k == "setting" else f"{r[k]:.1f}" for k in keys) + " |")
+        print("| " + " | ".join(r["setting"] if k == "setting" else (f"> {TIMEOUT}" if r[k] == float("inf")
+                                else f"{r[k]:.1f}") for k in keys) + " |")
     return 0
 
 

@@ -3,9 +3,12 @@
 _pissa_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 . "$_pissa_root/.venv/bin/activate"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-# Idle OpenMP threads (torch's, and OpenBLAS's for MLX) sleep instead of spinning. Alone it changes
-# nothing measurable (torch 163/174 vs 168/186 tokens/s; MLX within noise); with two jobs on the
-# same cores, spinning threads made one QPiSSA init take 1046 s instead of 51-104 s.
+# Idle OpenMP threads (torch's, and OpenBLAS's for MLX) sleep instead of spinning. Measured here
+# (scripts/bench_threads.py, docs/benchmarks.md): with two jobs on the 2 cores, spinning threads
+# take torch training from 131 to 14 tokens/s each and a SmolLM2 init from 21 s to 179 s (a bounded
+# GOMP_SPINCOUNT=10000: 66 tokens/s, 492 s); alone, sleeping costs training 15% (206 vs 243).
+# LAPACK's SVD suffers most from sleeping threads, so the torch backend decomposes on one thread
+# under this policy (pissa_torch.ops): the init takes 13 s alone and 14 s as two jobs at once.
 export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
 if [ "$(uname -s)" = Linux ]; then
     _blas=/usr/lib/x86_64-linux-gnu/openblas-openmp/libblas.so.3

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 
 import numpy as np
 import torch
@@ -29,7 +30,15 @@ class TorchOps:
         self.svd_batch = 1
 
     def scope(self, compute_dtype: str):
-        return contextlib.nullcontext()  # torch runs float64 on every device it decomposes on
+        """One thread for the decomposition on the CPU under OMP_WAIT_POLICY=PASSIVE (which
+        scripts/env.sh sets, so that two jobs on the same cores do not spin against each other).
+        Why: with sleeping threads, LAPACK's SVD, made of many small BLAS calls, wakes them at
+        every call. Measured here: one 1536x576 float32 SVD 0.38 s on 2 threads against 0.066 s
+        on one; the full-SVD init of SmolLM2 55 s against 14 s (docs/benchmarks.md). Elsewhere
+        (spinning threads, a GPU) nothing changes."""
+        if self.device.type == "cpu" and os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE":
+            return _one_thread()
+        return contextlib.nullcontext()
 
     def asarray(self, a: np.ndarray, dtype: str) -> torch.Tensor:
         # Convert on the host first: torch.from_numpy shares memory, and .to() then copies once.
@@ -70,6 +79,16 @@ class TorchOps:
 
     def svdvals(self, x: torch.Tensor) -> torch.Tensor:
         return torch.linalg.svdvals(x)
+
+
+@contextlib.contextmanager
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def make_ops(device: str | None = None) -> TorchOps:

@@ -124,3 +124,18 @@ def test_training_never_writes_into_the_callers_adapter_arrays(tiny_chat):
                 p.add_(1.0)
     assert all(np.array_equal(A, before[m][0]) and np.array_equal(B, before[m][1])
                for m, (A, B) in adapter.factors.items())
+
+
+def test_the_decomposition_runs_on_one_thread_under_a_passive_wait_policy(monkeypatch):
+    """scripts/env.sh sets OMP_WAIT_POLICY=PASSIVE; LAPACK's SVD is then 6x slower on two threads
+    than on one here (docs/benchmarks.md), so TorchOps.scope uses one and gives the pool back."""
+    from pissa_torch.ops import make_ops
+
+    before = torch.get_num_threads()
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    with make_ops("cpu").scope("float32"):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    with make_ops("cpu").scope("float32"):
+        assert torch.get_num_threads() == before

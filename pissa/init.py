@@ -30,7 +30,7 @@ from pissa.formats.safetensors import np_dtype
 from pissa.layouts import base_model_info
 from pissa.loaders import open_model
 from pissa.ops import get_ops
-from pissa.qpissa import check_backend, decompose_quantized, summarize, table
+from pissa.qpissa import DEFAULT_ITERS, check_backend, decompose_quantized, summarize, table
 from pissa.quant import QuantScheme, check_fits
 from pissa.spec import AdapterSpec
 
@@ -66,7 +66,7 @@ def peak_rss_mib() -> float:
 def run_init(model: str, out: str | Path, spec: AdapterSpec, *, backend: str = "numpy",
              device: str | None = None, force: bool = False, progress: bool = True,
              max_shard_bytes: int = hf.DEFAULT_SHARD_BYTES, svd_batch: int | None = None,
-             quantize: QuantScheme | None = None, quant_iters: int = 1, step0_kl: bool = False,
+             quantize: QuantScheme | None = None, quant_iters: int = DEFAULT_ITERS, step0_kl: bool = False,
              group=None) -> InitSummary:
     """Decompose every target of `model` and write OUT/ (residual) and OUT/pissa_init/ (adapter).
 
@@ -79,7 +79,7 @@ def run_init(model: str, out: str | Path, spec: AdapterSpec, *, backend: str = "
         svd_batch: decompose up to this many same-shape targets in one batched call; None
             takes the backend's measured default (1 wherever batching was not faster).
         quantize: QPiSSA: quantise every target's residual with this scheme (pissa.quant), refined
-            over quant_iters iterations (pissa.qpissa); the residual model is then written in the
+            over quant_iters iterations (default 5, pissa.qpissa.DEFAULT_ITERS); the residual model is then written in the
             scheme's quantised layout (pissa.formats.quantized) with OUT/quant_report.json.
         step0_kl: QPiSSA only: also measure the step-0 KL per token from the original model,
             against QLoRA's (pissa.stepzero), on the torch or MLX backend; it goes into the report.

@@ -205,7 +205,7 @@ def test_qpissa_from_bf16_is_stored_as_the_libraries_store_a_bf16_model(scheme, 
         pytest.skip(f"needs {backend}")
     theirs = library_folder(base, scheme, tmp_path / "lib")
     assert main(["init", str(base), "--out", str(tmp_path / "ours"), "--rank", "4", "--dtype", "bfloat16",
-                 "--quantize", scheme, "--backend", backend, "--no-progress"]) == 0
+                 "--quantize", scheme, "--quant-iters", "1", "--backend", backend, "--no-progress"]) == 0
     lib, ours = SafetensorsFile(theirs / "model.safetensors"), SafetensorsFile(tmp_path / "ours" / "model.safetensors")
     m = "model.layers.1.mlp.down_proj"
     names = sorted(k for k in lib.keys() if k.startswith(m + "."))

@@ -140,7 +140,7 @@ def smollm2_nf4(tmp_path_factory):
     # its SVDs are faster here: 31 s against 44 s for the 210 matrices.
     backend = "torch" if "torch" in BACKENDS else "numpy"
     proc = run("init", "smollm2-135m", "--out", str(out), "--quantize", "nf4", "--init", "pissa-fast",
-               "--compute-dtype", "float32", "--backend", backend, "--no-progress", "--no-kl")
+               "--rank", "16", "--quant-iters", "1", "--compute-dtype", "float32", "--backend", backend, "--no-progress", "--no-kl")
     assert proc.returncode == 0, proc.stderr
     return out, proc.stdout
 
@@ -276,6 +276,28 @@ def test_bad_quantisation_input(tmp_path, args, words):
     proc = run("init", str(model), "--out", str(out), "--rank", "4", *args)
     _clean_failure(proc, words)
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".o")]
+
+
+def test_quantize_defaults_to_rank_64_and_five_iterations(tmp_path):
+    """QPiSSA's CLI defaults (rank 64, 5 iterations: docs/benchmarks.md) apply only with --quantize
+    and never override a value the user gave."""
+    model = write_tiny_llama(tmp_path / "tiny", hidden=128, inter=256)
+    common = ["--targets", "q_proj,gate_proj", "--no-progress"]
+
+    def init(name, *args):
+        proc = run("init", str(model), "--out", str(tmp_path / name), *common, *args)
+        assert proc.returncode == 0, proc.stderr
+        return (json.loads((tmp_path / name / "pissa_init" / "adapter_config.json").read_text()),
+                tmp_path / name / "quant_report.json")
+
+    cfg, report = init("q", "--quantize", "int8")
+    report = json.loads(report.read_text())
+    assert cfg["r"] == 64 and report["rank"] == 64 and report["quant_iters"] == 5
+    assert {len(m["reduction_by_iteration"]) for m in report["matrices"].values()} == {5}
+    cfg, report = init("q2", "--quantize", "int8", "--rank", "8", "--quant-iters", "2")
+    assert cfg["r"] == 8 and json.loads(report.read_text())["quant_iters"] == 2
+    cfg, report = init("plain")
+    assert cfg["r"] == 16 and not report.exists()
 
 
 def test_convert_of_a_qpissa_run_warns(tmp_path):

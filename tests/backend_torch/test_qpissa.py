@@ -123,7 +123,8 @@ def qtiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("qtiny")
     base = write_tiny_llama(root / "base")
     for name, group in SCHEMES:
-        run_init(str(base), root / name, AdapterSpec(rank=4), progress=False, quantize=quant.scheme(name, group))
+        run_init(str(base), root / name, AdapterSpec(rank=4), progress=False, quantize=quant.scheme(name, group),
+                 quant_iters=1)
     return root
 
 
@@ -180,7 +181,8 @@ def qtiny_chat(tiny_chat, tmp_path_factory):
     root = tmp_path_factory.mktemp("qtiny_chat")
     base = tiny_chat.parent / "base"
     for name, group in (("nf4", 64), ("affine4", 32)):
-        run_init(str(base), root / name, AdapterSpec(rank=4), progress=False, quantize=quant.scheme(name, group))
+        run_init(str(base), root / name, AdapterSpec(rank=4), progress=False, quantize=quant.scheme(name, group),
+                 quant_iters=1)
     return root
 
 
@@ -219,8 +221,8 @@ def smol_qpissa(tmp_path_factory):
     root = tmp_path_factory.mktemp("smol_qpissa")
     for name in ("nf4",):
         assert main(["init", "smollm2-135m", "--out", str(root / name), "--quantize", name, "--init", "pissa-fast",
-                     "--compute-dtype", "float32", "--targets", "q_proj,v_proj", "--rank", "16", "--backend",
-                     "torch", "--no-progress", "--no-kl"]) == 0
+                     "--compute-dtype", "float32", "--targets", "q_proj,v_proj", "--rank", "16", "--quant-iters", "1",
+                     "--backend", "torch", "--no-progress", "--no-kl"]) == 0
     return root
 
 

@@ -77,8 +77,9 @@ def quantized_forward(base: nn.QuantizedLinear, x: mx.array) -> mx.array:
 
 
 class AdapterLinear(nn.Module):
-    """The part every adapter kind shares. Subclasses set KIND and PARAMS, and define __call__
-    and delta() (the dense update [out, in] in the base weight's float dtype)."""
+    """The part every adapter kind shares. Subclasses set KIND and PARAMS, and define update(x)
+    (the adapter's output for an input x) and delta() (the dense update [out, in] in the base
+    weight's float dtype); the forward is base(x) + update(dropout(x)) until merged."""
 
     KIND: str = ""
     PARAMS: tuple[str, ...] = ()   # trainable parameters, in the order of the kind's TENSORS
@@ -107,8 +108,19 @@ class AdapterLinear(nn.Module):
         # A quantised weight is uint32 words; its float dtype is that of its scales.
         return self.base.scales.dtype if self.quantized else self.base.weight.dtype
 
+    def update(self, x: mx.array) -> mx.array:
+        raise NotImplementedError
+
     def delta(self) -> mx.array:
         raise NotImplementedError
+
+    def __call__(self, x: mx.array) -> mx.array:
+        y = self.base_forward(x)
+        if self.merged:
+            return y
+        if self.dropout is not None:
+            x = self.dropout(x)
+        return y + self.update(x).astype(y.dtype)
 
     def base_weight(self) -> mx.array:
         """The base's weight as floats [out, in]: W_res, or deq(Q(W_res)) for a quantised base."""
@@ -192,14 +204,9 @@ class PissaLinear(AdapterLinear):
         """s * B @ A, [out, in], in the base weight's (float) dtype."""
         return ((self.lora_B * self.scale) @ self.lora_A).astype(self._dtype())
 
-    def __call__(self, x: mx.array) -> mx.array:
-        y = self.base_forward(x)
-        if self.merged:
-            return y
-        if self.dropout is not None:
-            x = self.dropout(x)
-        z = (x @ self.lora_A.T.astype(x.dtype)) @ self.lora_B.T.astype(x.dtype)
-        return y + (z * self.scale).astype(y.dtype)
+    def update(self, x: mx.array) -> mx.array:
+        """s * x A^T B^T, in x's dtype."""
+        return ((x @ self.lora_A.T.astype(x.dtype)) @ self.lora_B.T.astype(x.dtype)) * self.scale
 
     def _extra_repr(self) -> str:
         return f"rank={self.rank}, scale={self.scale:g}, merged={self.merged}, quantized={self.quantized}"

@@ -90,13 +90,5 @@ class MoraLinear(AdapterLinear):
         n_in = weight_shape(self.base)[1]
         return self.update(mx.eye(n_in, dtype=self.mora_M.dtype)).T.astype(self._dtype())
 
-    def __call__(self, x: mx.array) -> mx.array:
-        y = self.base_forward(x)
-        if self.merged:
-            return y
-        if self.dropout is not None:
-            x = self.dropout(x)
-        return y + self.update(x).astype(y.dtype)
-
     def _extra_repr(self) -> str:
         return f"r_hat={self.n}, type={self.mora_type}, merged={self.merged}"

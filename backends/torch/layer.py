@@ -43,8 +43,9 @@ def dense_weight(base: nn.Module) -> torch.Tensor:
 
 
 class AdapterLinear(nn.Module):
-    """The part every adapter kind shares. Subclasses set KIND and PARAMS, and define forward()
-    and delta() (the dense update [out, in] in the base's compute dtype)."""
+    """The part every adapter kind shares. Subclasses set KIND and PARAMS, and define update(x)
+    (the adapter's output for an input x) and delta() (the dense update [out, in] in the base's
+    compute dtype); the forward is base(x) + update(dropout(x)) until merged."""
 
     KIND: str = ""
     PARAMS: tuple[str, ...] = ()   # trainable parameters, in the order of the kind's TENSORS
@@ -59,8 +60,17 @@ class AdapterLinear(nn.Module):
     def params(self) -> tuple[nn.Parameter, ...]:
         return tuple(getattr(self, name) for name in self.PARAMS)
 
+    def update(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
     def delta(self) -> torch.Tensor:
         raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        if self.merged:
+            return y
+        return y + self.update(self.dropout(x)).to(y.dtype)
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -140,13 +150,11 @@ class PissaLinear(AdapterLinear):
         """s * B @ A, [out, in], in the base's compute dtype."""
         return (self.lora_B @ self.lora_A * self.scale).to(compute_dtype(self.base))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
-        if self.merged:
-            return y
+    def update(self, x: torch.Tensor) -> torch.Tensor:
+        """s * x A^T B^T, in x's dtype."""
         a = self.lora_A.to(x.dtype) if self.lora_A.dtype != x.dtype else self.lora_A
         b = self.lora_B.to(x.dtype) if self.lora_B.dtype != x.dtype else self.lora_B
-        return y + (self.dropout(x) @ a.T @ b.T) * self.scale
+        return (x @ a.T @ b.T) * self.scale
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, scale={self.scale:g}, merged={self.merged}"

@@ -88,11 +88,5 @@ class MoraLinear(AdapterLinear):
         eye = torch.eye(self.in_features, device=self.mora_M.device, dtype=self.mora_M.dtype)
         return self.update(eye).T.to(compute_dtype(self.base))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
-        if self.merged:
-            return y
-        return y + self.update(self.dropout(x)).to(y.dtype)
-
     def extra_repr(self) -> str:
         return f"r_hat={self.n}, type={self.mora_type}, merged={self.merged}"

@@ -25,6 +25,10 @@ from pissa.data import Example
 
 RESOURCES = Path(__file__).resolve().parent / "resources"
 GENERAL = RESOURCES / "general_text.jsonl"
+# The backends' KL takes its precise form (log1p/expm1 of the logits' difference d) where every d
+# is at most this, and the plain difference of log-softmaxes elsewhere, where e^d could overflow
+# float32 and the KL is large anyway.
+EXP_SAFE = 30.0
 PROBE = RESOURCES / "probe.jsonl"
 
 

@@ -157,3 +157,54 @@ def test_bad_input(tiny_chat_base, tmp_path, capsys, argv, words):
     assert compare(tiny_chat_base, tmp_path / "o", *argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert words in err[-1] and len(err) == 1
+
+
+def _kl_reference(ref_logits, logits):
+    """KL(softmax(ref) || softmax(logits)) per position, in float64 numpy."""
+    def log_softmax(a):
+        a = a.astype(np.float64)
+        m = a.max(-1, keepdims=True)
+        return a - m - np.log(np.exp(a - m).sum(-1, keepdims=True))
+    lq, lp = log_softmax(ref_logits), log_softmax(logits)
+    return (np.exp(lq) * (lq - lp)).sum(-1)
+
+
+@pytest.mark.parametrize("backend", ["torch", "mlx"])
+def test_kl_is_finite_and_right_far_from_the_base_and_near_it(backend):
+    """The backends' KL against float64 numpy, for a model close to its reference (where the
+    precise form matters: KL ~1e-6) and one whose logits differ by hundreds (a diverged full
+    fine-tune at a high learning rate gave NaN before: e^d overflowed)."""
+    from tests.conftest import BACKENDS
+
+    if backend not in BACKENDS:
+        pytest.skip(f"needs {backend}")
+    rng = np.random.default_rng(0)
+    vocab, T = 4096, 6
+    base = rng.normal(0, 3, (1, T + 1, vocab)).astype(np.float32)
+    near = base + rng.normal(0, 1e-3, base.shape).astype(np.float32)
+    far = base.copy()
+    far[0, :, :5] += 400.0     # the model puts everything on tokens the reference never picks
+    batch = {"input_ids": np.zeros((1, T + 1), np.int64), "attention_mask": np.ones((1, T + 1), np.int64),
+             "labels": np.concatenate([np.full((1, 1), -100), rng.integers(0, vocab, (1, T))], axis=1)}
+    if backend == "torch":
+        import torch
+        from types import SimpleNamespace
+
+        from pissa_torch.measure import token_stats
+
+        def fake(logits):
+            return lambda input_ids, attention_mask: SimpleNamespace(logits=torch.from_numpy(logits))
+    else:
+        import mlx.core as mx
+
+        from pissa_mlx.measure import token_stats
+
+        def fake(logits):
+            return lambda ids: mx.array(logits[:, :-1])
+    for model_logits, rtol in ((near, 1e-3), (far, 1e-5)):
+        _, kl, n = token_stats(fake(model_logits), batch, reference=fake(base))
+        want = _kl_reference(base[0, :-1], model_logits[0, :-1]).sum()
+        assert n[0] == T and np.isfinite(kl[0]), kl
+        assert kl[0] == pytest.approx(want, rel=rtol), (kl[0], want)
+    _, kl, _ = token_stats(fake(base), batch, reference=fake(base))
+    assert kl[0] == 0.0

@@ -7,6 +7,7 @@ import numpy as np
 
 import mlx.core as mx
 from pissa.data import IGNORE
+from pissa.forgetting import EXP_SAFE
 
 
 def token_stats(model, batch: dict[str, np.ndarray], reference=None, device=None) -> tuple[np.ndarray, ...]:
@@ -16,7 +17,8 @@ def token_stats(model, batch: dict[str, np.ndarray], reference=None, device=None
 
     Batches are right-padded and attention is causal, so no mask is needed: a real token never
     sees a pad, and pads carry no label. With reference=model the KL is exactly zero. The KL is
-    sum_v q_v d_v - log(sum_v p_v e^(d_v)), d = the logits' difference (see pissa_torch.measure)."""
+    sum_v q_v d_v - log(sum_v p_v e^(d_v)), d = the logits' difference shifted to p-mean zero, or the plain
+    difference of log-softmaxes where some d exceeds EXP_SAFE (see pissa_torch.measure)."""
     ids = mx.array(batch["input_ids"][:, :-1].astype(np.int32))
     labels = batch["labels"][:, 1:]
     keep = mx.array(labels != IGNORE)
@@ -32,7 +34,12 @@ def token_stats(model, batch: dict[str, np.ndarray], reference=None, device=None
     kl = mx.zeros_like(nll)
     if reference is not None:
         d = reference(ids).astype(mx.float32) - z
-        per_position = (mx.softmax(z + d, axis=-1) * d).sum(axis=-1) - mx.log1p((mx.exp(logp) * mx.expm1(d)).sum(axis=-1))
+        logq = log_softmax(z + d)
+        q, p = mx.exp(logq), mx.exp(logp)
+        d = d - (p * d).sum(axis=-1, keepdims=True)  # as in pissa_torch.measure
+        small = (q * d).sum(axis=-1) - mx.log1p((p * mx.expm1(mx.minimum(d, EXP_SAFE))).sum(axis=-1))
+        large = (q * (logq - logp)).sum(axis=-1)
+        per_position = mx.where(d.max(axis=-1) <= EXP_SAFE, small, large)
         kl = (per_position * keep).sum(axis=1)
     mx.eval(nll, kl)
     return (np.array(nll).astype(np.float64), np.array(kl).astype(np.float64),

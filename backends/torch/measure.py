@@ -7,6 +7,7 @@ import numpy as np
 import torch
 
 from pissa.data import IGNORE
+from pissa.forgetting import EXP_SAFE
 
 
 @torch.no_grad()
@@ -16,9 +17,11 @@ def token_stats(model, batch: dict[str, np.ndarray], reference=None, device="cpu
     without a reference), and the count of those positions. float64 sums of float32 log-softmaxes.
 
     Both models see the same input; with reference=model the KL is exactly zero. The KL is taken
-    as sum_v q_v d_v - log(sum_v p_v e^(d_v)), d = the logits' difference (log1p/expm1 form), not
+    as sum_v q_v d_v - log(sum_v p_v e^(d_v)), d = the logits' difference shifted to p-mean zero
+    (so the sum is at least 1: log1p/expm1 form), not
     as a difference of two log-softmaxes: those carry the float32 rounding of the normaliser
-    (~1e-6 at a 49k vocabulary), as large as a small KL itself."""
+    (~1e-6 at a 49k vocabulary), as large as a small KL itself. Where some d exceeds EXP_SAFE,
+    e^d would overflow and the KL is large anyway: there it is the plain difference."""
     ids = torch.from_numpy(batch["input_ids"]).to(device)
     mask = torch.from_numpy(batch["attention_mask"]).to(device)
     labels = torch.from_numpy(batch["labels"][:, 1:]).to(device)
@@ -30,7 +33,12 @@ def token_stats(model, batch: dict[str, np.ndarray], reference=None, device="cpu
     kl = torch.zeros_like(nll)
     if reference is not None:
         d = reference(input_ids=ids, attention_mask=mask).logits[:, :-1].float() - z
-        per_position = (torch.softmax(z + d, dim=-1) * d).sum(-1) - torch.log1p((logp.exp() * torch.expm1(d)).sum(-1))
+        logq = torch.log_softmax(z + d, dim=-1)
+        q, p = logq.exp(), logp.exp()
+        d = d - (p * d).sum(-1, keepdim=True)  # the KL ignores a shift of d; this one makes sum p e^d >= 1
+        small = (q * d).sum(-1) - torch.log1p((p * torch.expm1(d.clamp(max=EXP_SAFE))).sum(-1))
+        large = (q * (logq - logp)).sum(-1)
+        per_position = torch.where(d.amax(-1) <= EXP_SAFE, small, large)
         kl = (per_position.double() * keep).sum(dim=1)
     return nll.cpu().numpy(), kl.cpu().numpy(), keep.sum(dim=1).cpu().numpy()
 

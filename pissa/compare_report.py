@@ -60,9 +60,12 @@ def shapes(rows: list[dict], grid) -> list[str]:
         p, q = final.get(("pissa", lr)), final.get(("lora", lr))
         if p and q:
             ahead = p["target_loss"] < q["target_loss"]
+            forgets_more = p["general_kl"] > q["general_kl"]
             notes.append(f"- lr {lr:g}: PiSSA {'ahead of' if ahead else 'behind'} LoRA after {grid.steps} steps "
                          f"(target loss {p['target_loss']:.4f} vs {q['target_loss']:.4f}, exact match "
-                         f"{p['target_exact_match']:.1%} vs {q['target_exact_match']:.1%}).")
+                         f"{p['target_exact_match']:.1%} vs {q['target_exact_match']:.1%}) and "
+                         f"{'forgets more' if forgets_more else 'forgets less'} (general KL {p['general_kl']:.5f} vs "
+                         f"{q['general_kl']:.5f}; probe {p['probe_accuracy']:.1%} vs {q['probe_accuracy']:.1%}).")
     for lr in sorted({lr for _, lr in final}):
         f, q = final.get(("full", lr)), final.get(("lora", lr))
         if f and q:

@@ -208,3 +208,23 @@ def test_kl_is_finite_and_right_far_from_the_base_and_near_it(backend):
         assert kl[0] == pytest.approx(want, rel=rtol), (kl[0], want)
     _, kl, _ = token_stats(fake(base), batch, reference=fake(base))
     assert kl[0] == 0.0
+
+
+def test_the_shapes_are_said_as_the_rows_show_them():
+    """report.md's sentences on the published shapes follow the numbers, including the high-lr
+    case where PiSSA learns more than LoRA but forgets more."""
+    from types import SimpleNamespace
+
+    from pissa.compare_report import shapes
+
+    def row(method, lr, loss, kl, em=0.5, probe=1.0):
+        return {"method": method, "rank": None if method == "full" else 16, "lr": lr, "step": 60,
+                "target_loss": loss, "general_kl": kl, "target_exact_match": em, "probe_accuracy": probe}
+
+    rows = [row("pissa", 2e-5, 0.2, 0.01), row("lora", 2e-5, 0.8, 0.001), row("full", 2e-5, 0.1, 0.02),
+            row("pissa", 5e-4, 0.3, 0.4), row("lora", 5e-4, 0.1, 0.05), row("full", 5e-4, 0.2, 0.9, probe=0.7)]
+    notes = shapes(rows, SimpleNamespace(steps=60, ranks=[16]))
+    assert notes[0].startswith("- lr 2e-05: PiSSA ahead of LoRA") and "forgets more (general KL 0.01000" in notes[0]
+    assert notes[1].startswith("- lr 0.0005: PiSSA behind LoRA") and "forgets more" in notes[1]
+    assert notes[2].startswith("- lr 2e-05: LoRA learns less") and "forgets less" in notes[2]
+    assert notes[3].startswith("- lr 0.0005: LoRA learns more") and "forgets less" in notes[3] and "70.0%" in notes[3]

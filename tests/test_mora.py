@@ -274,3 +274,29 @@ def test_merge_and_convert_of_a_trained_folder(tiny_llama, tmp_path):
         w = b.get(m + ".weight")
         assert np.abs(a.get(m + ".weight") - w).max() <= 1e-5 * np.abs(w).max()
     assert not (tmp_path / "rotation-lora").exists()
+
+
+@pytest.mark.parametrize("backend", ["torch", "mlx"])
+def test_a_layer_refuses_an_m_of_the_wrong_size(backend):
+    """M must be the spec's r_hat for the weight's shape; the message names both."""
+    from tests.conftest import BACKENDS
+
+    s = spec("sharing")
+    n = mora.shapes(s, (24, 40))[0][0]
+    assert mora.wrong_shape(s, (24, 40), (n, n)) is None
+    if backend not in BACKENDS:
+        pytest.skip(f"needs {backend}")
+    if backend == "torch":
+        import torch
+        from pissa_torch.mora import MoraLinear
+
+        base, M = torch.nn.Linear(40, 24, bias=False), torch.zeros(n + 2, n + 2)
+    else:
+        import mlx.core as mx
+        import mlx.nn as nn
+        from pissa_mlx.mora import MoraLinear
+
+        base, M = nn.Linear(40, 24, bias=False), mx.zeros((n + 2, n + 2))
+    with pytest.raises(ValueError, match=rf"M \({n + 2}, {n + 2}\) does not fit a weight \(24, 40\) at rank 8 "
+                                         rf"\(sharing: \({n}, {n}\)\)"):
+        MoraLinear.from_params(base, (M,), s)

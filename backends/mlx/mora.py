@@ -66,10 +66,9 @@ class MoraLinear(AdapterLinear):
     @classmethod
     def from_params(cls, base: nn.Linear, params: tuple[mx.array, ...], spec) -> "MoraLinear":
         (M,) = params
-        want = mora.shapes(spec, weight_shape(base))[0]
-        if tuple(M.shape) != want:
-            raise ValueError(f"M {tuple(M.shape)} does not fit a weight {weight_shape(base)} at rank {spec.rank} "
-                             f"({spec.mora_type}: {want})")
+        problem = mora.wrong_shape(spec, weight_shape(base), M.shape)
+        if problem:
+            raise ValueError(problem)
         return cls(base, M, spec.mora_type)
 
     def update(self, x: mx.array) -> mx.array:

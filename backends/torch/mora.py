@@ -66,10 +66,9 @@ class MoraLinear(AdapterLinear):
     @classmethod
     def from_params(cls, base: nn.Module, params: tuple[torch.Tensor, ...], spec) -> "MoraLinear":
         (M,) = params
-        want = mora.shapes(spec, weight_shape(base))[0]
-        if tuple(M.shape) != want:
-            raise ValueError(f"M {tuple(M.shape)} does not fit a weight {weight_shape(base)} "
-                             f"at rank {spec.rank} ({spec.mora_type}: {want})")
+        problem = mora.wrong_shape(spec, weight_shape(base), tuple(M.shape))
+        if problem:
+            raise ValueError(problem)
         return cls(base, M, spec.mora_type)
 
     def update(self, x: torch.Tensor) -> torch.Tensor:

@@ -72,6 +72,14 @@ def misfit(spec, shape: tuple[int, int]) -> str | None:
     return None
 
 
+def wrong_shape(spec, weight: tuple[int, int], m: tuple[int, ...]) -> str | None:
+    """Why an M of shape `m` cannot be this spec's M for a weight of shape `weight`, or None."""
+    want = shapes(spec, weight)[0]
+    if tuple(m) != tuple(want):
+        return f"M {tuple(m)} does not fit a weight {tuple(weight)} at rank {spec.rank} ({spec.mora_type}: {want})"
+    return None
+
+
 def inconsistent(spec, params: tuple[np.ndarray, ...]) -> str | None:
     (M,) = params
     if M.ndim != 2 or M.shape[0] != M.shape[1]:

@@ -9,7 +9,10 @@ import warnings
 from typing import Sequence
 
 from pissa import dist
+from pissa.adapters import inits, kinds
+from pissa.adapters.spec import DEFAULT_RANK
 from pissa.errors import LostContact, PeerFailed, PissaError
+from pissa.numeric.qpissa import DEFAULT_RANK as QPISSA_RANK
 
 EXIT_USAGE = 2
 DISTRIBUTED = ("init", "train")  # the commands that split their work over torchrun's or mlx.launch's ranks
@@ -45,6 +48,16 @@ def _number(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
 
 
+def _listing(registry) -> str:
+    return ", ".join(f"{name} ({registry.get(name).HELP})" for name in registry.names())
+
+
+KIND_HELP = _listing(kinds)
+INIT_HELP = _listing(inits) + "; " + " and ".join(
+    f"--init {k}" for k in kinds.names() if not kinds.get(k).LORA_SHAPED) + " stand for --kind " + " and ".join(
+    k for k in kinds.names() if not kinds.get(k).LORA_SHAPED)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="pissa", description="PiSSA fine-tuning for PyTorch and MLX.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -55,15 +68,16 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("model", help="model folder, .gguf file, Hub id (org/name), or an embedded name (smollm2-135m)")
     q.add_argument("--out", required=True, help="output folder")
     q.add_argument("--rank", type=_positive_int, default=None,
-                   help="adapter rank r (default 16; 64 with --quantize)")
+                   help=f"adapter rank r (default {DEFAULT_RANK}; {QPISSA_RANK} with --quantize)")
     q.add_argument("--alpha", type=_number, default=None, help="LoRA alpha (default: the rank)")
     q.add_argument("--rslora", action="store_true", help="scale by alpha/sqrt(r) instead of alpha/r")
     q.add_argument("--targets", default="all-linear",
                    help="all-linear, module names (q_proj,v_proj) or a regex over module paths")
-    q.add_argument("--init", default="pissa",
-                   help="pissa (full SVD), pissa-fast (randomised SVD), lora, or mora (MoRA's square M)")
-    q.add_argument("--mora-type", default="sharing",
-                   help="with --init mora: sharing (the paper's type 1; converts to a LoRA) or rotation (type 6)")
+    q.add_argument("--kind", default="lora", help="what the adapted layers compute: " + KIND_HELP)
+    q.add_argument("--init", default=None, help="how a LoRA-shaped kind starts: " + INIT_HELP)
+    for name, (kind, option) in kinds.options().items():
+        q.add_argument("--" + name.replace("_", "-"), default=None, choices=option.choices,
+                       help=f"{option.help} (default {option.default})")
     q.add_argument("--niter", type=_non_negative_int, default=4, help="power iterations for pissa-fast (default 4)")
     q.add_argument("--oversampling", type=_non_negative_int, default=8,
                    help="extra sketch columns for pissa-fast (default 8)")
@@ -199,30 +213,46 @@ def _inference_args(q: argparse.ArgumentParser) -> None:
     q.add_argument("--max-new-tokens", type=_positive_int, default=64, help="answer length cap (default 64)")
 
 
+def _kind_options(args: argparse.Namespace, kind: str) -> dict:
+    """The kind options given on the command line (--mora-type ...), each checked to be the kind's."""
+    given = {}
+    for name, (owner, _) in kinds.options().items():
+        value = getattr(args, name)
+        if value is None:
+            continue
+        if owner != kind:
+            raise PissaError(f"--{name.replace('_', '-')} is an option of --kind {owner}, not of --kind {kind}")
+        given[name] = value
+    return given
+
+
 def _cmd_init(args: argparse.Namespace) -> int:
-    from pissa.init import run_init
-    from pissa.qpissa import DEFAULT_ITERS, DEFAULT_RANK
-    from pissa.spec import AdapterSpec, parse_targets
+    from pissa.adapters.spec import AdapterSpec, parse_targets
+    from pissa.jobs.init import run_init
+    from pissa.numeric.qpissa import DEFAULT_ITERS
+    from pissa.studies import stepzero
 
     # QPiSSA's defaults differ: at rank 16 and one iteration it keeps little more of the model's
     # function than QLoRA does (docs/benchmarks.md); explicit values are always kept.
-    rank = args.rank or (DEFAULT_RANK if args.quantize is not None else 16)
+    rank = args.rank or (QPISSA_RANK if args.quantize is not None else DEFAULT_RANK)
     quant_iters = args.quant_iters or DEFAULT_ITERS
+    kind = kinds.init_alias(args.init) or args.kind  # --init mora: the kind of old
     spec = AdapterSpec(rank=rank, alpha=args.alpha, use_rslora=args.rslora,
-                       targets=parse_targets(args.targets), init=args.init, niter=args.niter,
+                       targets=parse_targets(args.targets), kind=args.kind, init=args.init, niter=args.niter,
                        oversampling=args.oversampling, seed=args.seed, dtype=args.dtype,
-                       compute_dtype=args.compute_dtype, mora_type=args.mora_type)
+                       compute_dtype=args.compute_dtype, options=_kind_options(args, kind))
     if spec.kind == "mora" and (args.alpha is not None or args.rslora):
         print("pissa: note: MoRA's update has no scale (it is 1); --alpha and --rslora are ignored", file=sys.stderr)
     scheme = None
     if args.quantize is not None:
-        from pissa.quant import scheme as make_scheme
+        from pissa.numeric.quant import scheme as make_scheme
 
         scheme = make_scheme(args.quantize, args.group_size)
     group = dist.current(args.dist_timeout)
     summary = run_init(args.model, args.out, spec, backend=args.backend, device=args.device,
                        force=args.force, progress=not args.no_progress, svd_batch=args.svd_batch,
-                       quantize=scheme, quant_iters=quant_iters, step0_kl=not args.no_kl, group=group)
+                       quantize=scheme, quant_iters=quant_iters, group=group,
+                       measure=None if args.no_kl else stepzero.measure_init)
     if group.rank != 0:
         return 0
     if summary.quant_table:
@@ -236,7 +266,7 @@ def _cmd_init(args: argparse.Namespace) -> int:
 def _training_backend(name: str) -> str:
     import platform
 
-    from pissa.ops import available_backends
+    from pissa.numeric.ops import available_backends
 
     have = [b for b in available_backends() if b != "numpy"]
     if name == "auto":
@@ -252,8 +282,8 @@ def _training_backend(name: str) -> str:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from pissa.loaders import init_folder
-    from pissa.training import TrainConfig
+    from pissa.files.loaders import init_folder
+    from pissa.training.run import TrainConfig
 
     backend = _training_backend(args.backend)
     model_dir = init_folder(args.model_dir)  # a Hub id only when its model holds pissa_init/
@@ -280,9 +310,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_convert(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from pissa.convert import to_lora
-    from pissa.formats.hf import atomic_dir
-    from pissa.formats.peft import load_adapter, save_adapter
+    from pissa.jobs.convert import to_lora
+    from pissa.files.formats.hf import atomic_dir
+    from pissa.files.formats.peft import load_adapter, save_adapter
 
     if args.format not in ("peft", "mlx-lm"):
         raise PissaError(f"unknown --format {args.format!r}; choose peft or mlx-lm")
@@ -290,7 +320,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     with atomic_dir(Path(args.out), args.force) as tmp:
         save_adapter(tmp, lora)
         if args.format == "mlx-lm":
-            from pissa.formats.mlx_lm import save_mlx_adapter
+            from pissa.files.formats.mlx_lm import save_mlx_adapter
 
             save_mlx_adapter(tmp, lora)
     print(f"pissa convert: rank-{lora.spec.rank} LoRA over {len(lora.factors)} modules "
@@ -299,7 +329,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
-    from pissa.merge import run_merge
+    from pissa.jobs.merge import run_merge
 
     n = run_merge(args.model, args.adapter, args.out, force=args.force, dtype=args.dtype)
     print(f"pissa merge: merged {n} modules -> {args.out}")
@@ -340,7 +370,7 @@ def _numbers(text: str | None, kind, name: str):
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from pissa.compare import PRESETS, Grid, run_compare
+    from pissa.studies.compare import PRESETS, Grid, run_compare
 
     preset: dict = {}
     if args.preset is not None:
@@ -365,7 +395,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
     # Our own warnings are for users: one line, no source location.
-    from pissa.convert import QuantizedBaseWarning
+    from pissa.jobs.convert import QuantizedBaseWarning
 
     if issubclass(category, QuantizedBaseWarning):
         print(f"pissa: warning: {message}", file=sys.stderr)

@@ -28,16 +28,16 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _bench import threading_environment  # noqa: E402
 
-from pissa.init import run_init  # noqa: E402
-from pissa.spec import AdapterSpec  # noqa: E402
-from pissa.training import TrainConfig  # noqa: E402
+from pissa.jobs.init import run_init  # noqa: E402
+from pissa.adapters.spec import AdapterSpec  # noqa: E402
+from pissa.training.run import TrainConfig  # noqa: E402
 
 METHODS = {
     "lora": dict(init="lora"),
     "pissa": dict(init="pissa-fast"),
-    "mora-sharing": dict(init="mora", mora_type="sharing"),
-    "mora-rotation": dict(init="mora", mora_type="rotation"),
-    "full": dict(init="full"),
+    "mora-sharing": dict(kind="mora", options={"mora_type": "sharing"}),
+    "mora-rotation": dict(kind="mora", options={"mora_type": "rotation"}),
+    "full": dict(kind="full"),
 }
 DEFAULT_LR = {"lora": 2e-3, "pissa": 2e-3, "mora-sharing": 2e-3, "mora-rotation": 2e-3, "full": 1e-4}
 
@@ -81,8 +81,8 @@ def answers(backend: str, model_dir: Path, adapter: Path, prompts: list[str], ba
 def weight_change(init: Path, adapter: Path) -> float:
     """||W_t - W_0||_F / ||W_0||_F over every target, each W as its kind merges the adapter (W_0:
     with the init's own adapter, which for every kind here is the model itself)."""
-    from pissa.formats.peft import load_adapter
-    from pissa.loaders import open_model
+    from pissa.files.formats.peft import load_adapter
+    from pissa.files.loaders import open_model
 
     start, trained = load_adapter(init / "pissa_init"), load_adapter(adapter)
     kind, base = trained.spec.kind_module, open_model(str(init))

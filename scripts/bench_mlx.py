@@ -39,9 +39,9 @@ QUANT, GROUP = "affine4", 64  # QPiSSA's scheme here, and the 4-bit group-64 qua
 # ---------------------------------------------------------------- measurements (child side)
 def init_time(backend: str, init: str, compute: str, out: str, targets: str = "all-linear",
               quantize: str | None = None, quant_iters: int = 1) -> dict:
-    from pissa.init import run_init
-    from pissa.quant import scheme
-    from pissa.spec import AdapterSpec, parse_targets
+    from pissa.jobs.init import run_init
+    from pissa.numeric.quant import scheme
+    from pissa.adapters.spec import AdapterSpec, parse_targets
 
     t = time.perf_counter()
     run_init("smollm2-135m", out, AdapterSpec(rank=16, init=init, compute_dtype=compute, targets=parse_targets(targets)),
@@ -76,7 +76,7 @@ def make_step(which: str, model_dir: str, ids):
         from pissa_mlx import load
         from pissa_mlx.train import compiled_steps, make_optimizer
 
-        from pissa.training import TrainConfig
+        from pissa.training.run import TrainConfig
 
         model, _ = load(model_dir)
         model.train()
@@ -139,7 +139,7 @@ def train_speed(which: str, model_dir: str, steps: int) -> dict:
     """Tokens/s and peak memory of one side alone in this process (see make_step)."""
     import mlx.core as mx
 
-    from pissa.init import peak_rss_mib
+    from pissa.memory import peak_rss_mib
 
     step = make_step(which, model_dir, batch_ids())
     mx.reset_peak_memory()

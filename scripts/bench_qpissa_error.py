@@ -25,9 +25,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _bench import threading_environment  # noqa: E402
 
-from pissa.init import run_init  # noqa: E402
-from pissa.quant import scheme  # noqa: E402
-from pissa.spec import AdapterSpec  # noqa: E402
+from pissa.jobs.init import run_init  # noqa: E402
+from pissa.numeric.quant import scheme  # noqa: E402
+from pissa.adapters.spec import AdapterSpec  # noqa: E402
 
 
 KINDS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

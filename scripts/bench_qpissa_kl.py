@@ -1,5 +1,5 @@
 """QPiSSA's defaults, judged by the model's function: the step-0 KL per token from the original
-SmolLM2 (pissa.stepzero: 1024 tokens of the general text that ships with pissa) of the QPiSSA
+SmolLM2 (pissa.studies.stepzero: 1024 tokens of the general text that ships with pissa) of the QPiSSA
 model against QLoRA's, over rank and iterations, with the nuclear-norm error reduction of the
 report beside it. docs/benchmarks.md records the table and the defaults chosen from it.
 
@@ -19,9 +19,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _bench import threading_environment  # noqa: E402
 
-from pissa.init import run_init  # noqa: E402
-from pissa.quant import scheme  # noqa: E402
-from pissa.spec import AdapterSpec  # noqa: E402
+from pissa.jobs.init import run_init  # noqa: E402
+from pissa.studies import stepzero  # noqa: E402
+from pissa.numeric.quant import scheme  # noqa: E402
+from pissa.adapters.spec import AdapterSpec  # noqa: E402
 
 SCHEME = {"torch": "nf4", "mlx": "affine4"}
 
@@ -42,7 +43,7 @@ def main() -> int:
                 t0 = time.perf_counter()
                 spec = AdapterSpec(rank=rank, init=args.init, compute_dtype="float32")
                 run_init("smollm2-135m", Path(tmp) / "q", spec, backend=args.backend, force=True, progress=False,
-                         quantize=scheme(SCHEME[args.backend], 64), quant_iters=iters, step0_kl=True)
+                         quantize=scheme(SCHEME[args.backend], 64), quant_iters=iters, measure=stepzero.measure_init)
                 report = json.loads((Path(tmp) / "q" / "quant_report.json").read_text())
                 kl = report["step0_kl"]
                 row = {"backend": args.backend, "scheme": SCHEME[args.backend], "rank": rank, "iters": iters,

@@ -1,4 +1,4 @@
-"""Per-shape init timings behind docs/scaling.md: one `pissa init` decomposition (pissa.decompose,
+"""Per-shape init timings behind docs/scaling.md: one `pissa init` decomposition (pissa.numeric.decompose,
 numpy backend: the SVD, sign canonicalisation, factor split and residual) for every distinct
 target shape of Llama-3-8B, Llama-3-70B and Qwen2.5-32B, on this machine's CPU.
 
@@ -27,9 +27,9 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _bench import threading_environment  # noqa: E402
 
-from pissa.decompose import decompose  # noqa: E402
-from pissa.ops import NumpyOps  # noqa: E402
-from pissa.spec import AdapterSpec  # noqa: E402
+from pissa.adapters.inits import decompose  # noqa: E402
+from pissa.numeric.ops import NumpyOps  # noqa: E402
+from pissa.adapters.spec import AdapterSpec  # noqa: E402
 
 # (hidden, intermediate, layers, attention heads, KV heads, head dim, vocab), from each model's config.json
 MODELS = {

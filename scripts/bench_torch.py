@@ -37,7 +37,7 @@ def peak_mib(device: str) -> float:
 
     if device.startswith("cuda"):
         return torch.cuda.max_memory_allocated() / 2**20
-    from pissa.init import peak_rss_mib
+    from pissa.memory import peak_rss_mib
 
     return peak_rss_mib()
 
@@ -50,8 +50,8 @@ def sync(device: str) -> None:
 
 
 def init_ours(init: str, compute: str, device: str, out: str) -> dict:
-    from pissa.init import run_init
-    from pissa.spec import AdapterSpec
+    from pissa.jobs.init import run_init
+    from pissa.adapters.spec import AdapterSpec
 
     t = time.perf_counter()
     run_init("smollm2-135m", out, AdapterSpec(rank=16, init=init, compute_dtype=compute), backend="torch",
@@ -61,9 +61,9 @@ def init_ours(init: str, compute: str, device: str, out: str) -> dict:
 
 
 def init_qpissa(scheme: str, iters: int, targets: str, device: str, out: str) -> dict:
-    from pissa.init import run_init
-    from pissa.quant import scheme as make_scheme
-    from pissa.spec import AdapterSpec
+    from pissa.jobs.init import run_init
+    from pissa.numeric.quant import scheme as make_scheme
+    from pissa.adapters.spec import AdapterSpec
 
     t = time.perf_counter()
     names = targets if targets == "all-linear" else tuple(targets.split(","))
@@ -78,7 +78,7 @@ def init_peft(init: str, device: str, out: str) -> dict:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from pissa.loaders import resolve
+    from pissa.files.loaders import resolve
 
     t = time.perf_counter()
     path = resolve("smollm2-135m")
@@ -152,9 +152,9 @@ def train_speed(which: str, model_dir: str, device: str, steps: int) -> dict:
 
 def quality(init: str, lr: float, steps: int, device: str, work: str) -> dict:
     """Eval loss after `steps` steps of our trainer (batch 4, r=16, all linear, loss on completions)."""
-    from pissa.init import run_init
-    from pissa.spec import AdapterSpec
-    from pissa.training import TrainConfig
+    from pissa.jobs.init import run_init
+    from pissa.adapters.spec import AdapterSpec
+    from pissa.training.run import TrainConfig
     from pissa_torch.train import train
 
     model_dir = Path(work) / f"init-{init}"

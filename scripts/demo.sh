@@ -13,12 +13,12 @@ cd "$root"
 steps="${DEMO_STEPS:-40}"
 question="Mia has 23 marbles. She buys 4 bags of 6 marbles. She gives 9 marbles to Leo. How many marbles does Mia have now?"
 
-for backend in $(python -c "from pissa.ops import available_backends; print(*available_backends())"); do
+for backend in $(python -c "from pissa.numeric.ops import available_backends; print(*available_backends())"); do
     echo "== pissa init smollm2-135m --backend $backend"
     pissa init smollm2-135m --out "out/smollm2-$backend" --backend "$backend" --force --no-progress
 done
 
-for backend in $(python -c "from pissa.ops import available_backends; print(*available_backends()[1:])"); do
+for backend in $(python -c "from pissa.numeric.ops import available_backends; print(*available_backends()[1:])"); do
     model="out/smollm2-$backend"
     run="out/run-$backend"
     n=32; s="$steps"; format=peft

@@ -18,7 +18,7 @@ ANSWER works it out one binary operation per sentence, then states the result:
 Each step is ``A op B = C.`` with op one of ``+ - * /`` (``/`` always divides exactly), each
 step's first operand is a number from the question or the previous step's result, and the
 answer always ends with ``The answer is N.`` (N a non-negative integer, at most 200, the
-result of the last step; pissa.evaluate.final_number reads it). Writing out each step keeps
+result of the last step; pissa.studies.scoring.final_number reads it). Writing out each step keeps
 every operation a single small sum, difference, product or exact quotient, which a small
 model can learn; asking it to compute "23 + 4*6 - 9" in one go is much harder.
 

@@ -1,10 +1,10 @@
-"""Build pissa/resources/general_text.jsonl: the held-out general text `pissa compare` measures
+"""Build pissa/studies/resources/general_text.jsonl: the held-out general text `pissa compare` measures
 forgetting on (mean token loss, and the KL divergence from the base model's next-token
 distribution).
 
 SmolLM2's pretraining mix is mostly educational English web text and code. Nothing may be
 downloaded, so both halves come from the Python installation that runs this script, under the
-Python Software Foundation License (see pissa/resources/README.md):
+Python Software Foundation License (see pissa/studies/resources/README.md):
 - English prose: the Python Language Reference and library topics that `help()` shows
   (pydoc_data/topics.py), split into paragraphs;
 - Python code: modules of the standard library, chosen for plain, readable pure Python.
@@ -13,7 +13,7 @@ Records are {"text", "kind": "prose" | "code", "source"}, about CHUNK characters
 order. The committed file was made with CPython 3.11.7; another version gives a slightly
 different file, so regenerate only on purpose.
 
-    python scripts/make_general_text.py [--out pissa/resources/general_text.jsonl]
+    python scripts/make_general_text.py [--out pissa/studies/resources/general_text.jsonl]
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def chunks(text: str, size: int) -> list[str]:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default=str(Path(__file__).resolve().parent.parent / "pissa/resources/general_text.jsonl"))
+    p.add_argument("--out", default=str(Path(__file__).resolve().parent.parent / "pissa/studies/resources/general_text.jsonl"))
     args = p.parse_args()
     import importlib
 

@@ -1,14 +1,14 @@
-"""Build pissa/resources/probe.jsonl: the knowledge-retention probe of `pissa compare`.
+"""Build pissa/studies/resources/probe.jsonl: the knowledge-retention probe of `pissa compare`.
 
 Cloze multiple-choice questions written for this project from the fact tables below (general
 knowledge, science, language, arithmetic, Python), four options each (the answer and three
 distractors drawn from the same table with a seeded generator). Each option is scored by
-pissa.forgetting's rule (the mean log-likelihood of its tokens after the question, as HellaSwag's
+pissa.studies.forgetting's rule (the mean log-likelihood of its tokens after the question, as HellaSwag's
 and ARC's normalised accuracy); the script keeps the questions the base model answers right, at
 most PER_CATEGORY per category, so that the metric after fine-tuning is the share of the base
 model's knowledge that survives.
 
-    python scripts/make_probe.py [--model smollm2-135m] [--out pissa/resources/probe.jsonl]
+    python scripts/make_probe.py [--model smollm2-135m] [--out pissa/studies/resources/probe.jsonl]
 """
 
 from __future__ import annotations
@@ -175,14 +175,14 @@ def candidates(seed: int = 0) -> list[dict]:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--out", default=str(Path(__file__).resolve().parent.parent / "pissa/resources/probe.jsonl"))
+    p.add_argument("--out", default=str(Path(__file__).resolve().parent.parent / "pissa/studies/resources/probe.jsonl"))
     args = p.parse_args()
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from pissa import forgetting
-    from pissa.init import run_init
-    from pissa.spec import AdapterSpec
+    from pissa.studies import forgetting
+    from pissa.jobs.init import run_init
+    from pissa.adapters.spec import AdapterSpec
     from pissa_torch.measure import token_stats
 
     items = candidates()

@@ -19,8 +19,8 @@ sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from bench_svd_shapes import MODELS, target_shapes  # noqa: E402
 
 from pissa.dist import assign  # noqa: E402
-from pissa.init_ranks import cost  # noqa: E402
-from pissa.spec import AdapterSpec  # noqa: E402
+from pissa.jobs.init_ranks import cost  # noqa: E402
+from pissa.adapters.spec import AdapterSpec  # noqa: E402
 
 RANKS = (1, 8, 64)
 RANK, SEQ, MICRO = 16, 2048, 1           # adapter rank; tokens per sequence, sequences per rank and micro-batch

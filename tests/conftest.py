@@ -13,7 +13,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from pissa.ops import available_backends
+from pissa.numeric.ops import available_backends
 
 BACKENDS = available_backends()
 
@@ -31,14 +31,14 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def smollm2_path() -> Path:
-    from pissa.loaders import resolve
+    from pissa.files.loaders import resolve
 
     return resolve("smollm2-135m")
 
 
 @pytest.fixture(scope="session")
 def smollm2(smollm2_path):
-    from pissa.loaders import open_model
+    from pissa.files.loaders import open_model
 
     return open_model(str(smollm2_path))
 
@@ -71,8 +71,8 @@ def write_tiny_llama(folder: Path, *, layers: int = 2, hidden: int = 64, inter: 
 
     Weights get a decaying spectrum so that PiSSA's top-r is well defined, like real weights.
     """
-    from pissa.formats import hf
-    from pissa.formats.safetensors import np_dtype
+    from pissa.files.formats import hf
+    from pissa.numeric.dtypes import np_dtype
 
     rng = np.random.default_rng(seed)
     cfg = tiny_llama_config(layers, hidden, inter, vocab)
@@ -116,9 +116,9 @@ def tiny_llama(tmp_path) -> Path:
 
 
 def interrupt_at(monkeypatch, step: int):
-    """Make the shared step loop (pissa.loop) raise KeyboardInterrupt, as Ctrl-C would, when it
+    """Make the shared step loop (pissa.training.loop) raise KeyboardInterrupt, as Ctrl-C would, when it
     reaches `step`. Returns the function that undoes it."""
-    import pissa.loop as loop
+    import pissa.training.loop as loop
 
     real = loop.lr_at
 
@@ -184,8 +184,8 @@ def tiny_chat_base(tmp_path_factory, smollm2_tokenizer_dir) -> Path:
 def tiny_chat(tiny_chat_base) -> Path:
     """tiny_chat_base after `pissa init` (rank 4): fast enough to train for a few steps in every
     test that needs a run."""
-    from pissa.init import run_init
-    from pissa.spec import AdapterSpec
+    from pissa.jobs.init import run_init
+    from pissa.adapters.spec import AdapterSpec
 
     run_init(str(tiny_chat_base), tiny_chat_base.parent / "init", AdapterSpec(rank=4), progress=False)
     return tiny_chat_base.parent / "init"
@@ -195,13 +195,13 @@ def tiny_chat(tiny_chat_base) -> Path:
 def tiny_mora(tiny_chat_base) -> dict[str, Path]:
     """tiny_chat_base after `pissa init --init mora --rank 4`, per MoRA type. Its shapes cover the
     cases: r_hat dividing nothing, and in > out with L > out (k_proj, v_proj, down_proj)."""
-    from pissa.init import run_init
-    from pissa.spec import AdapterSpec
+    from pissa.jobs.init import run_init
+    from pissa.adapters.spec import AdapterSpec
 
     out = {}
     for kind in ("sharing", "rotation"):
         out[kind] = tiny_chat_base.parent / f"mora-{kind}"
-        run_init(str(tiny_chat_base), out[kind], AdapterSpec(rank=4, init="mora", mora_type=kind), progress=False)
+        run_init(str(tiny_chat_base), out[kind], AdapterSpec(rank=4, kind="mora", options={"mora_type": kind}), progress=False)
     return out
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pissa.formats.safetensors import load
+from pissa.files.formats.safetensors import load
 from tests.conftest import DATA
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -5,7 +5,7 @@ joins its group once (pissa.dist.current keeps it) for several commands.
     python -m tests.dist_worker PLAN.json
 
 PLAN.json: {"results": DIR, "commands": [{"argv": [...], "hook": {...}}, ...]}. Each command runs
-through pissa.cli.main (or pissa.init.run_init for {"run_init": {...}}); its exit code and what it
+through pissa.cli.main (or pissa.jobs.init.run_init for {"run_init": {...}}); its exit code and what it
 printed on stderr (unless "capture": false) go to DIR/rank-N.json after every command. Hooks break one rank on purpose:
   {"rank": 1, "signal": "SIGKILL" | "SIGSTOP", "step": S}   the rank signals itself as step S starts
   {"rank": 1, "fail_init": true}                          its first decomposition raises PissaError
@@ -27,37 +27,37 @@ def hooked(hook: dict, rank: int):
     if not hook or hook.get("rank") != rank:
         yield
         return
-    import pissa.decompose
-    import pissa.loop
+    import pissa.adapters.inits
+    import pissa.training.loop
     from pissa.errors import PissaError
 
-    saved = (pissa.loop.lr_at, pissa.decompose.decompose_many)
+    saved = (pissa.training.loop.lr_at, pissa.adapters.inits.decompose_many)
     if "signal" in hook:
         def lr_at(step, cfg):
             if step + 1 == hook["step"]:
                 os.kill(os.getpid(), getattr(signal, hook["signal"]))
             return saved[0](step, cfg)
 
-        pissa.loop.lr_at = lr_at
+        pissa.training.loop.lr_at = lr_at
     if hook.get("fail_init"):
         def decompose_many(*args, **kwargs):
             raise PissaError(f"rank {rank} failed on purpose")
 
-        pissa.decompose.decompose_many = decompose_many
+        pissa.adapters.inits.decompose_many = decompose_many
     try:
         yield
     finally:
-        pissa.loop.lr_at, pissa.decompose.decompose_many = saved
+        pissa.training.loop.lr_at, pissa.adapters.inits.decompose_many = saved
 
 
 def run(command: dict) -> int:
     if "run_init" in command:
-        from pissa.init import run_init
-        from pissa.spec import AdapterSpec
+        from pissa.jobs.init import run_init
+        from pissa.adapters.spec import AdapterSpec
 
         kw = dict(command["run_init"])
         if "quantize" in kw:
-            from pissa.quant import scheme
+            from pissa.numeric.quant import scheme
 
             kw["quantize"] = scheme(*kw["quantize"])
         run_init(kw.pop("model"), kw.pop("out"), AdapterSpec(**kw.pop("spec")), progress=False, **kw)

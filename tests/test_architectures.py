@@ -19,8 +19,8 @@ def test_init_gives_the_original_logits_in_peft_and_mlx(arch, tmp_path):
     from peft import PeftModel
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from pissa.init import run_init
-    from pissa.spec import AdapterSpec
+    from pissa.jobs.init import run_init
+    from pissa.adapters.spec import AdapterSpec
 
     if arch == "llama":
         kwargs = dict(model_type="llama", hidden_size=64, intermediate_size=96, num_hidden_layers=2,

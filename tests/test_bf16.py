@@ -12,12 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pissa import quant
+from pissa.numeric import quant
 from pissa.cli import main
-from pissa.formats import quantized as qformat
-from pissa.formats.peft import load_adapter
-from pissa.formats.safetensors import SafetensorsFile
-from pissa.loaders import open_model
+from pissa.files.formats import quantized as qformat
+from pissa.files.formats.peft import load_adapter
+from pissa.files.formats.safetensors import SafetensorsFile
+from pissa.files.loaders import open_model
 from tests.conftest import BACKENDS, DATA, PROMPT_IDS, rel_max_diff, write_tiny_llama
 
 TRAINING = [b for b in BACKENDS if b != "numpy"]
@@ -109,7 +109,7 @@ def exact_residual(base: Path, init: Path, out: Path) -> Path:
     """The init folder with every residual replaced by W - s*B0@A0 in float32 from the stored bf16
     factors: the model the trained adapter computes but for the residual's bf16 rounding (bounded
     by the first test), so that the conversion itself can be checked to float32 precision."""
-    from pissa.formats.safetensors import load as load_st, save as save_st
+    from pissa.files.formats.safetensors import load as load_st, save as save_st
 
     shutil.copytree(init, out)
     tensors, W = load_st(out / "model.safetensors"), open_model(str(base))
@@ -246,7 +246,7 @@ def library_dequantized(folder: Path, scheme: str, m: str) -> np.ndarray:
 def test_qpissa_from_bf16_inits_like_numpy_and_trains(scheme, backend, base, tmp_path):
     if backend not in BACKENDS:
         pytest.skip(f"needs {backend}")
-    from pissa.spec import AdapterSpec
+    from pissa.adapters.spec import AdapterSpec
     from tests.conformance.qpissa_checks import assert_same_init, init_each
 
     spec = AdapterSpec(rank=4, dtype="bfloat16")

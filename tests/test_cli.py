@@ -66,7 +66,7 @@ BAD = {
     "alpha zero": (lambda t, d: [str(t), "--alpha", "0"], "alpha must be > 0"),
     "alpha negative": (lambda t, d: [str(t), "--alpha=-1"], "alpha must be > 0"),
     "targets match nothing": (lambda t, d: [str(t), "--targets", "qkv_proj"], "match no linear layer"),
-    "unknown init": (lambda t, d: [str(t), "--init", "olora"], "unknown init method 'olora'"),
+    "unknown init": (lambda t, d: [str(t), "--init", "bogus"], "unknown init 'bogus'"),
     "unknown backend": (lambda t, d: [str(t), "--backend", "jax"], "unknown backend 'jax'"),
     "unknown flag": (lambda t, d: [str(t), "--rnak", "4"], "unrecognized arguments: --rnak"),
 }
@@ -170,8 +170,8 @@ def test_eval_and_generate_without_a_model_are_one_line(args, words, backend, tm
 @pytest.fixture(scope="module")
 def init_without_tokenizer(tiny, tmp_path_factory) -> Path:
     """A pissa init folder of a model saved without tokenizer files (write_tiny_llama writes none)."""
-    from pissa.init import run_init
-    from pissa.spec import AdapterSpec
+    from pissa.jobs.init import run_init
+    from pissa.adapters.spec import AdapterSpec
 
     out = tmp_path_factory.mktemp("notok") / "init"
     run_init(str(tiny), out, AdapterSpec(rank=2), progress=False)

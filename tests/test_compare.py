@@ -60,8 +60,8 @@ def test_kl_is_zero_untrained_and_positive_after(grid):
 
 def general_texts(tokenizer, budget, seq_len=256):
     """The first `budget` tokens of the shipped general text, cut to 256 tokens per record (read
-    straight from the file, not through pissa.forgetting)."""
-    from pissa.forgetting import GENERAL
+    straight from the file, not through pissa.studies.forgetting)."""
+    from pissa.studies.forgetting import GENERAL
 
     out, total = [], 0
     for line in GENERAL.read_text().splitlines():
@@ -75,7 +75,7 @@ def general_texts(tokenizer, budget, seq_len=256):
 def test_results_agree_with_transformers(grid, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from pissa.merge import run_merge
+    from pissa.jobs.merge import run_merge
 
     base_dir = grid / "inits" / "full"
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
@@ -215,7 +215,7 @@ def test_the_shapes_are_said_as_the_rows_show_them():
     case where PiSSA learns more than LoRA but forgets more."""
     from types import SimpleNamespace
 
-    from pissa.compare_report import shapes
+    from pissa.studies.report import shapes
 
     def row(method, lr, loss, kl, em=0.5, probe=1.0):
         return {"method": method, "rank": None if method == "full" else 16, "lr": lr, "step": 60,

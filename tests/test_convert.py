@@ -1,15 +1,15 @@
-"""PiSSA -> LoRA conversion as pure math (the identity in pissa/kinds/lora.py's docstring), in
+"""PiSSA -> LoRA conversion as pure math (the identity in pissa/adapters/kinds/lora.py's docstring), in
 float64 numpy."""
 
 import numpy as np
 import pytest
 
-from pissa.convert import pissa_to_lora
-from pissa.decompose import decompose
+from pissa.jobs.convert import pissa_to_lora
+from pissa.adapters.inits import decompose
 from pissa.errors import PissaError
-from pissa.formats.peft import Adapter
-from pissa.ops import NumpyOps
-from pissa.spec import AdapterSpec
+from pissa.adapters.adapter import Adapter
+from pissa.numeric.ops import NumpyOps
+from pissa.adapters.spec import AdapterSpec
 
 
 def f64(x):

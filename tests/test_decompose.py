@@ -3,9 +3,10 @@
 import numpy as np
 import pytest
 
-from pissa.decompose import decompose, sketch_matrix, svd_randomized
-from pissa.ops import NumpyOps
-from pissa.spec import AdapterSpec
+from pissa.adapters.inits import decompose
+from pissa.numeric.decompose import sketch_matrix, svd_randomized
+from pissa.numeric.ops import NumpyOps
+from pissa.adapters.spec import AdapterSpec
 
 OPS = NumpyOps()
 

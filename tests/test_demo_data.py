@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from pissa.evaluate import exact_match, final_number
+from pissa.studies.scoring import exact_match, final_number
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "make_demo_data.py"
@@ -163,7 +163,7 @@ def test_the_checks_catch_wrong_answers():
                  "How many eggs are in each of the cartons?") == 6
 
 
-# --- pissa.evaluate ---------------------------------------------------------------------------
+# --- pissa.studies.scoring ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("text, want", [
     ("4 * 6 = 24. 23 + 24 = 47. 47 - 9 = 38. The answer is 38.", "38"),
@@ -195,6 +195,6 @@ def test_exact_match():
 
 
 def test_evaluate_imports_no_framework():
-    code = "import sys, pissa.evaluate; print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'mlx', 'mlx_lm')))"
+    code = "import sys, pissa.studies.scoring; print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'mlx', 'mlx_lm')))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

@@ -12,9 +12,9 @@ import pytest
 from pissa import dist
 from pissa.cli import main
 from pissa.errors import PissaError
-from pissa.init import Job
-from pissa.init_ranks import cost
-from pissa.spec import AdapterSpec
+from pissa.jobs.init import Job
+from pissa.jobs.init_ranks import cost
+from pissa.adapters.spec import AdapterSpec
 
 
 def test_assign_is_deterministic_and_within_one_job_of_balance():
@@ -74,8 +74,8 @@ def test_a_launcher_of_one_process_is_a_plain_run(monkeypatch, tiny_llama, tmp_p
 
 
 def test_the_global_batch_must_cover_every_rank(tiny_chat, tmp_path):
-    from pissa.loop import prepare
-    from pissa.training import TrainConfig
+    from pissa.training.loop import prepare
+    from pissa.training.run import TrainConfig
     from tests.conftest import DATA
 
     class Two(dist.Solo):

@@ -14,9 +14,9 @@ import pytest
 pytest.importorskip("torch")
 
 from pissa.cli import main  # noqa: E402
-from pissa.init import run_init  # noqa: E402
-from pissa.quant import scheme  # noqa: E402
-from pissa.spec import AdapterSpec  # noqa: E402
+from pissa.jobs.init import run_init  # noqa: E402
+from pissa.numeric.quant import scheme  # noqa: E402
+from pissa.adapters.spec import AdapterSpec  # noqa: E402
 from tests.dist_jobs import (TRAIN, compare_runs, launch, leftovers, same_folders, small_data,  # noqa: E402
                              start_by_hand, wait_until)
 

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from pissa.cli import main
-from pissa.formats.peft import SIDECAR, load_adapter
-from pissa.init import fingerprint
+from pissa.files.formats.peft import SIDECAR, load_adapter
+from pissa.adapters.adapter import fingerprint
 from tests.conftest import BACKENDS, DATA, write_tiny_llama
 
 TRAINING = [b for b in BACKENDS if b != "numpy"]
@@ -61,7 +61,7 @@ def runs(peft_init, tmp_path_factory) -> dict[str, Path]:
 
 @pytest.mark.parametrize("backend", TRAINING)
 def test_training_starts_from_an_init_peft_wrote(backend, peft_init, runs, tmp_path):
-    """It used to stop with a KeyError on the missing fingerprint (pissa.loop), and at the end the
+    """It used to stop with a KeyError on the missing fingerprint (pissa.training.loop), and at the end the
     conversion refused an init without pissa's role."""
     run = runs[backend]
     want = fingerprint(load_adapter(peft_init / "pissa_init").factors)
@@ -73,8 +73,8 @@ def test_training_starts_from_an_init_peft_wrote(backend, peft_init, runs, tmp_p
 
 def test_an_adapter_without_fingerprint_must_fit_the_init(peft_init, tiny_chat_base, tmp_path, capsys):
     """--adapter without a recorded init (e.g. trained with PEFT) is checked by its modules and shapes."""
-    from pissa.init import run_init
-    from pissa.spec import AdapterSpec
+    from pissa.jobs.init import run_init
+    from pissa.adapters.spec import AdapterSpec
 
     run_init(str(tiny_chat_base), tmp_path / "rank2", AdapterSpec(rank=2), progress=False)
     other = tmp_path / "rank2" / "pissa_init"
@@ -99,8 +99,8 @@ def unmarked(runs, tmp_path_factory) -> Path:
 
 def other_init(folder: Path, **kwargs) -> Path:
     """pissa_init of a tiny model other than the one trained (kwargs: write_tiny_llama's, AdapterSpec's init)."""
-    from pissa.init import run_init
-    from pissa.spec import AdapterSpec
+    from pissa.jobs.init import run_init
+    from pissa.adapters.spec import AdapterSpec
 
     init = kwargs.pop("init", "pissa")
     write_tiny_llama(folder / "base", vocab=49152, **kwargs)
@@ -130,8 +130,8 @@ def test_convert_without_fingerprint_refuses_another_init(case, words, tiny_chat
     elif case == "another hidden size":
         initial = other_init(tmp_path, hidden=32, inter=64)
     else:
-        from pissa.init import run_init
-        from pissa.spec import AdapterSpec
+        from pissa.jobs.init import run_init
+        from pissa.adapters.spec import AdapterSpec
 
         run_init(str(tiny_chat_base), tmp_path / "lora-init", AdapterSpec(rank=4, init="lora"), progress=False)
         initial = tmp_path / "lora-init" / "pissa_init"
@@ -142,7 +142,7 @@ def test_convert_without_fingerprint_refuses_another_init(case, words, tiny_chat
 
 
 def test_similarity_is_the_cosine_of_the_products_whatever_the_signs():
-    from pissa.kinds.lora import similarity
+    from pissa.adapters.kinds.lora import similarity
 
     rng = np.random.default_rng(0)
     A0, B0 = rng.standard_normal((4, 30)), rng.standard_normal((20, 4))

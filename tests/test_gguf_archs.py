@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from pissa.errors import PissaError
-from pissa.loaders.gguf import GGUFSource
+from pissa.files.loaders.gguf import GGUFSource
 from tests.test_loaders import finish, llama_cpp_permute
 
 torch = pytest.importorskip("torch")
@@ -216,7 +216,7 @@ BOOKKEEPING = {"_name_or_path", "_model_name_or_path", "architectures", "transfo
 def test_config_equals_transformers(built, tmp_path):
     from transformers import AutoConfig
 
-    from pissa.formats.hf import model_config
+    from pissa.files.formats.hf import model_config
 
     config = model_config(built.ours.config, "float32")  # what pissa init writes
     (tmp_path / "config.json").write_text(json.dumps(config))
@@ -269,7 +269,7 @@ def test_tokenizer_equals_transformers(built, tmp_path):
 def test_pissa_init_reproduces_the_gguf_model(built, tmp_path):
     """The residual folder plus its adapter compute the GGUF model's logits, in transformers and mlx-lm."""
     from pissa import AdapterSpec
-    from pissa.init import run_init
+    from pissa.jobs.init import run_init
     from pissa_torch import load
 
     run_init(str(built.path), tmp_path / "out", AdapterSpec(rank=4), backend="numpy", progress=False)

@@ -20,10 +20,10 @@ peft = pytest.importorskip("peft")
 
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel  # noqa: E402
 
-from pissa import layouts  # noqa: E402
+from pissa.files import layouts  # noqa: E402
 from pissa.cli import main  # noqa: E402
-from pissa.formats.peft import load_adapter  # noqa: E402
-from pissa.formats.safetensors import SafetensorsFile, load as load_st, save as save_st  # noqa: E402
+from pissa.files.formats.peft import load_adapter  # noqa: E402
+from pissa.files.formats.safetensors import SafetensorsFile, load as load_st, save as save_st  # noqa: E402
 from tests.conftest import BACKENDS, DATA, PROMPT_IDS, rel_max_diff  # noqa: E402
 
 TRAINING = [b for b in BACKENDS if b != "numpy"]
@@ -194,7 +194,7 @@ def test_a_trained_gpt2_converts_and_merges_to_the_same_model_everywhere(backend
 def test_torch_apply_merge_and_fuse_on_conv1d(gpt2, inits):
     """apply() decomposes Conv1D weights as pissa init does; merge, unmerge and fuse keep the function,
     and fuse gives back a Conv1D."""
-    from pissa.spec import AdapterSpec
+    from pissa.adapters.spec import AdapterSpec
     from pissa_torch import adapter_state_dict, apply, merge, unmerge
     from pissa_torch.api import pissa_layers
     from transformers.pytorch_utils import Conv1D

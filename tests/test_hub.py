@@ -21,7 +21,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from pissa.errors import PissaError
-from pissa.loaders import init_folder, model_folder, resolve
+from pissa.files.loaders import init_folder, model_folder, resolve
 from tests.conftest import BACKENDS, write_tiny_llama
 from tests.test_cli import PISSA, assert_clean_failure
 
@@ -314,7 +314,7 @@ def test_train_downloads_a_hub_pissa_init_folder_but_never_a_plain_model(fake_hu
     assert asked and all(r.endswith("/pissa_init/adapter_config.json") for r in asked), asked  # nothing fetched
     assert pissa("init", str(src), "--out", str(tmp_path / "init"), "--rank", "4", "--no-progress", env=env).returncode == 0
     serve(tmp_path / "init")
-    code = f"from pissa.loaders import init_folder; print(init_folder({REPO!r}))"
+    code = f"from pissa.files.loaders import init_folder; print(init_folder({REPO!r}))"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr
     assert (Path(proc.stdout.strip()) / "pissa_init" / "adapter_model.safetensors").is_file()

@@ -22,9 +22,9 @@ BLOCK = textwrap.dedent("""
 def test_importing_the_core_imports_no_framework():
     code = textwrap.dedent("""
         import sys
-        import pissa, pissa.cli, pissa.init, pissa.decompose, pissa.ops, pissa.spec
-        import pissa.loaders.hf, pissa.loaders.gguf, pissa.formats.peft, pissa.formats.hf
-        import pissa.kinds.lora, pissa.kinds.mora, pissa.loop, pissa.merge, pissa.convert, pissa.dist, pissa.init_ranks
+        import pissa, pissa.cli, pissa.jobs.init, pissa.numeric.decompose, pissa.numeric.ops, pissa.adapters.spec
+        import pissa.files.loaders.hf, pissa.files.loaders.gguf, pissa.files.formats.peft, pissa.files.formats.hf
+        import pissa.adapters.kinds.lora, pissa.adapters.kinds.mora, pissa.training.loop, pissa.jobs.merge, pissa.jobs.convert, pissa.dist, pissa.jobs.init_ranks
         bad = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "mlx", "mlx_lm"))
         print(bad)
     """)

@@ -8,10 +8,10 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from pissa.formats.peft import load_adapter
-from pissa.formats.safetensors import SafetensorsFile
-from pissa.init import ADAPTER_DIR, run_init
-from pissa.spec import AdapterSpec
+from pissa.files.formats.peft import load_adapter
+from pissa.files.formats.safetensors import SafetensorsFile
+from pissa.jobs.init import ADAPTER_DIR, run_init
+from pissa.adapters.spec import AdapterSpec
 from tests.conftest import PROMPT_IDS, rel_max_diff, write_tiny_llama
 
 
@@ -83,10 +83,10 @@ def test_peak_memory_follows_the_largest_matrix_not_the_model(tmp_path):
 
 
 def test_failure_leaves_nothing(tiny_llama, tmp_path, monkeypatch):
-    import pissa.decompose
+    import pissa.adapters.inits
 
     calls = {"n": 0}
-    real = pissa.decompose.decompose_many
+    real = pissa.adapters.inits.decompose_many
 
     def flaky(*a, **k):
         calls["n"] += 1
@@ -94,7 +94,7 @@ def test_failure_leaves_nothing(tiny_llama, tmp_path, monkeypatch):
             raise RuntimeError("disk on fire")
         return real(*a, **k)
 
-    monkeypatch.setattr(pissa.decompose, "decompose_many", flaky)
+    monkeypatch.setattr(pissa.adapters.inits, "decompose_many", flaky)
     out = tmp_path / "out"
     with pytest.raises(RuntimeError, match="disk on fire"):
         run_init(str(tiny_llama), out, AdapterSpec(rank=4), progress=False)
@@ -161,7 +161,7 @@ def test_smollm2_tokenizer_and_generation_config_are_written(smollm2_init):
 
 def test_batched_svd_gives_the_same_files(tiny_llama, tmp_path):
     """Stacking same-shape targets into one SVD call changes the order of work, not the result."""
-    from pissa.formats.safetensors import load
+    from pissa.files.formats.safetensors import load
 
     spec = AdapterSpec(rank=4, init="pissa-fast")
     run_init(str(tiny_llama), tmp_path / "one", spec, progress=False, svd_batch=1)

@@ -17,10 +17,10 @@ import pytest
 from gguf.quants import quantize
 
 from pissa.errors import PissaError
-from pissa.formats.safetensors import SafetensorsFile
-from pissa.loaders import open_model
-from pissa.loaders.gguf import SUPPORTED, GGUFSource, unpermute_rows
-from pissa.loaders.hf import HFSource
+from pissa.files.formats.safetensors import SafetensorsFile
+from pissa.files.loaders import open_model
+from pissa.files.loaders.gguf import SUPPORTED, GGUFSource, unpermute_rows
+from pissa.files.loaders.hf import HFSource
 
 T = gguf.GGMLQuantizationType
 SMOL = "smollm2-135m"
@@ -322,7 +322,7 @@ def test_hf_safetensors_file_path_opens_its_folder(tiny_hf):
 def test_hf_other_dtypes(tmp_path):
     import ml_dtypes
 
-    from pissa.formats.safetensors import save
+    from pissa.files.formats.safetensors import save
 
     tensors = {"a": np.arange(6, dtype=np.float16).reshape(2, 3), "b": np.linspace(0, 1, 4),  # float64
                "c": np.arange(4, dtype=np.int64), "d": np.array([1.5, -2.25], dtype=ml_dtypes.bfloat16)}

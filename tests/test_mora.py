@@ -1,4 +1,4 @@
-"""MoRA in the core (pissa.kinds.mora): the dense update against direct definitions of the
+"""MoRA in the core (pissa.adapters.kinds.mora): the dense update against direct definitions of the
 paper's maps, the public code's merge where it is not defective, the two defects fixed, the exact
 LoRA of the sharing type, the file layout, and `pissa init / convert / merge` on MoRA folders."""
 
@@ -11,15 +11,16 @@ import pytest
 
 from pissa.cli import main
 from pissa.errors import PissaError
-from pissa.formats.peft import Adapter, load_adapter, save_adapter
-from pissa.kinds import mora
-from pissa.spec import AdapterSpec
+from pissa.adapters.adapter import Adapter
+from pissa.files.formats.peft import load_adapter, save_adapter
+from pissa.adapters.kinds import mora
+from pissa.adapters.spec import AdapterSpec
 
 SMOL_DOWN = (576, 1536)   # SmolLM2-135M's down_proj [out, in]: in > out
 
 
 def spec(kind: str, rank: int = 8) -> AdapterSpec:
-    return AdapterSpec(rank=rank, init="mora", mora_type=kind)
+    return AdapterSpec(rank=rank, kind="mora", options={"mora_type": kind})
 
 
 def direct_update(kind: str, M: np.ndarray, x: np.ndarray, n_out: int) -> np.ndarray:
@@ -168,7 +169,7 @@ def trained_adapter(kind: str, shapes: dict[str, tuple[int, int]], seed: int = 0
 
 
 def test_convert_pads_every_module_to_one_rank_and_keeps_the_update():
-    from pissa.convert import to_lora
+    from pissa.jobs.convert import to_lora
 
     shapes = {"a.q_proj": (64, 64), "a.k_proj": (32, 64), "a.down_proj": (64, 128)}
     trained = trained_adapter("sharing", shapes)
@@ -188,7 +189,7 @@ def test_files_round_trip_in_the_public_layout(tmp_path):
     save_adapter(tmp_path, trained)
     cfg = json.loads((tmp_path / "adapter_config.json").read_text())
     assert cfg["use_mora"] is True and cfg["mora_type"] == 6 and cfg["r"] == 4
-    from pissa.formats.safetensors import load
+    from pissa.files.formats.safetensors import load
 
     assert list(load(tmp_path / "adapter_model.safetensors")) == [
         "base_model.model.model.layers.0.mlp.down_proj.lora_A.weight"]
@@ -198,7 +199,7 @@ def test_files_round_trip_in_the_public_layout(tmp_path):
                                   trained.factors["model.layers.0.mlp.down_proj"][0])
     # Without our sidecar, adapter_config.json alone says it is MoRA (as the public code writes it).
     (tmp_path / "pissa_config.json").unlink()
-    assert load_adapter(tmp_path).spec.mora_type == "rotation"
+    assert load_adapter(tmp_path).spec.option("mora_type") == "rotation"
     cfg["mora_type"] = 2
     (tmp_path / "adapter_config.json").write_text(json.dumps(cfg))
     with pytest.raises(PissaError, match="MoRA type 2 is not supported"):
@@ -206,15 +207,15 @@ def test_files_round_trip_in_the_public_layout(tmp_path):
 
 
 def test_bad_spec_values():
-    with pytest.raises(PissaError, match="unknown MoRA type 'diagonal'"):
-        AdapterSpec(init="mora", mora_type="diagonal")
-    with pytest.raises(PissaError, match="unknown init method 'dora'"):
+    with pytest.raises(PissaError, match="unknown mora type 'diagonal'"):
+        AdapterSpec(kind="mora", options={"mora_type": "diagonal"})
+    with pytest.raises(PissaError, match="unknown init 'dora'"):
         AdapterSpec(init="dora")
 
 
 # ---------------------------------------------------------------------- the command line
 def test_init_writes_the_unchanged_model_and_a_zero_m(tiny_llama, tmp_path, capsys):
-    from pissa.loaders import open_model
+    from pissa.files.loaders import open_model
 
     out = tmp_path / "mora"
     assert main(["init", str(tiny_llama), "--out", str(out), "--init", "mora", "--mora-type", "rotation",
@@ -232,8 +233,8 @@ def test_init_writes_the_unchanged_model_and_a_zero_m(tiny_llama, tmp_path, caps
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--mora-type", "diagonal"], "unknown MoRA type 'diagonal'"),
-    (["--quantize", "nf4"], "--quantize needs --init pissa or pissa-fast"),
+    (["--mora-type", "diagonal"], "argument --mora-type: invalid choice: 'diagonal'"),
+    (["--quantize", "nf4"], "--quantize needs --kind lora and an init that takes the principal part"),
 ])
 def test_init_bad_input(tiny_llama, tmp_path, capsys, argv, message):
     out = tmp_path / "mora"
@@ -245,7 +246,7 @@ def test_init_bad_input(tiny_llama, tmp_path, capsys, argv, message):
 def test_merge_and_convert_of_a_trained_folder(tiny_llama, tmp_path):
     """pissa merge adds dW (the oracle) to the weights; pissa convert writes a LoRA that gives the
     same weights on the original model (sharing) and refuses rotation in one line."""
-    from pissa.loaders import open_model
+    from pissa.files.loaders import open_model
 
     for kind in ("sharing", "rotation"):
         init = tmp_path / kind

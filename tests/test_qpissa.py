@@ -12,13 +12,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pissa.formats import quantized as qformat
-from pissa.formats.safetensors import StreamWriter
-from pissa.loaders.hf import HFSource
-from pissa.ops import NumpyOps
-from pissa.qpissa import decompose_quantized
-from pissa.quant import NF4_LEVELS, QTensor, dequantize, nuclear_norm, quantize, scheme
-from pissa.spec import AdapterSpec
+from pissa.files.formats import quantized as qformat
+from pissa.files.formats.safetensors import StreamWriter
+from pissa.files.loaders.hf import HFSource
+from pissa.numeric.ops import NumpyOps
+from pissa.adapters.inits import decompose_quantized
+from pissa.numeric.quant import NF4_LEVELS, QTensor, dequantize, nuclear_norm, quantize, scheme
+from pissa.adapters.spec import AdapterSpec
 from tests.conftest import BACKENDS, KINDS, write_tiny_llama
 
 PISSA = str(Path(sys.executable).parent / "pissa")
@@ -161,7 +161,7 @@ def test_nf4_folder_reads_back_as_the_dequantised_residual(smollm2_nf4, smollm2_
     """The written bitsandbytes layout, read by our loader, gives deq(Q(W_res)); with the
     adapter it reconstructs W far better than QLoRA's deq(Q(W))."""
     out, _ = smollm2_nf4
-    from pissa.formats.peft import load_adapter
+    from pissa.files.formats.peft import load_adapter
 
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["quantization_config"]["quant_method"] == "bitsandbytes"
@@ -200,7 +200,7 @@ def test_affine_folder_round_trips_through_the_loader(tmp_path):
     proc = run("merge", str(out), "--adapter", str(out / "pissa_init"), "--out", str(merged))
     assert proc.returncode == 0, proc.stderr
     assert "quantization_config" not in json.loads((merged / "config.json").read_text())
-    from pissa.formats.peft import load_adapter
+    from pissa.files.formats.peft import load_adapter
 
     adapter = load_adapter(out / "pissa_init")
     module = "model.layers.1.mlp.down_proj"
@@ -268,7 +268,7 @@ def _clean_failure(proc, words):
     (["--quantize", "affine4", "--group-size", "48"], "--group-size 48 is not supported"),
     (["--quantize", "affine4", "--group-size", "128"], "does not divide the input dimension"),
     (["--quantize", "nf4", "--quant-iters", "0"], "argument --quant-iters: expected an integer >= 1, got '0'"),
-    (["--quantize", "nf4", "--init", "lora"], "--quantize needs --init pissa or pissa-fast"),
+    (["--quantize", "nf4", "--init", "lora"], "--quantize needs --kind lora and an init that takes the principal part (pissa or pissa-fast), not lora"),
 ])
 def test_bad_quantisation_input(tmp_path, args, words):
     model = write_tiny_llama(tmp_path / "tiny")     # hidden 64: a group of 128 does not fit

@@ -3,7 +3,7 @@ import dataclasses
 import pytest
 
 from pissa.errors import PissaError
-from pissa.spec import AdapterSpec, parse_targets
+from pissa.adapters.spec import AdapterSpec, parse_targets
 
 
 def test_defaults_and_scale():
@@ -25,7 +25,13 @@ def test_frozen():
     ({"rank": 2.5}, "rank must be an integer"),
     ({"alpha": 0}, "alpha must be > 0"),
     ({"alpha": -1.0}, "alpha must be > 0"),
-    ({"init": "olora"}, "unknown init method 'olora'"),
+    ({"init": "bogus"}, "unknown init 'bogus'; choose one of pissa, pissa-fast, lora"),
+    ({"kind": "bogus"}, "unknown adapter kind 'bogus'; choose one of lora"),
+    ({"kind": "mora", "init": "pissa"}, "--init pissa is for the LoRA-shaped kinds .*; --kind mora has no init"),
+    ({"kind": "full", "init": "mora"}, "--init mora is --kind mora, which conflicts with --kind full"),
+    ({"options": {"mora_type": "sharing"}}, "--kind lora takes no option mora_type; it has no options"),
+    ({"kind": "mora", "options": {"mora_type": "diagonal"}}, "unknown mora type 'diagonal'; choose sharing or rotation"),
+    ({"dropout": 1.0}, r"dropout must be a number in \[0, 1\)"),
     ({"niter": -1}, "niter must be >= 0"),
     ({"dtype": "int8"}, "unknown storage dtype"),
     ({"compute_dtype": "float16"}, "unknown compute dtype"),
@@ -98,7 +104,38 @@ def test_peft_unknown_and_unsupported_keys():
     cfg = AdapterSpec().to_peft_config()
     with pytest.raises(PissaError, match="unknown key"):
         AdapterSpec.from_peft_config({**cfg, "lora_rank": 3})
-    with pytest.raises(PissaError, match="use_dora"):
-        AdapterSpec.from_peft_config({**cfg, "use_dora": True})
-    with pytest.raises(PissaError, match="init_lora_weights 'olora'"):
-        AdapterSpec.from_peft_config({**cfg, "init_lora_weights": "olora"})
+    with pytest.raises(PissaError, match="lora_bias"):
+        AdapterSpec.from_peft_config({**cfg, "lora_bias": True})
+    with pytest.raises(PissaError, match="init_lora_weights 'corda' is not supported"):
+        AdapterSpec.from_peft_config({**cfg, "init_lora_weights": "corda"})
+
+
+def test_kind_and_init_are_two_axes():
+    """--kind says what the layer computes, --init how a LoRA-shaped one starts; the kinds without
+    an init take the old --init names as aliases, and their options are the kind's."""
+    assert (AdapterSpec().kind, AdapterSpec().init) == ("lora", "pissa")
+    mora = AdapterSpec(init="mora", options={"mora_type": "rotation"})
+    assert (mora.kind, mora.init, mora.option("mora_type")) == ("mora", None, "rotation")
+    assert mora == AdapterSpec(kind="mora", options={"mora_type": "rotation"})
+    assert AdapterSpec(kind="mora").option("mora_type") == "sharing"
+    assert (AdapterSpec(kind="full").kind, AdapterSpec(kind="full").init) == ("full", None)
+    assert AdapterSpec(kind="mora").describe() == "mora (sharing)" and AdapterSpec(init="lora").describe() == "lora"
+    for spec in (mora, AdapterSpec(kind="full"), AdapterSpec(init="pissa-fast", dropout=0.1)):
+        assert AdapterSpec.from_dict(spec.to_dict()) == spec
+
+
+def test_specs_written_before_the_two_axes_still_read():
+    """pissa_config.json "spec" as pissa wrote it before --kind existed (tests/fixtures/legacy has
+    whole folders): no "kind", MoRA's type at the top level, the kind named by "init"."""
+    old = {"alpha": 2.0, "compute_dtype": "float64", "dtype": "float32", "niter": 4, "oversampling": 8, "rank": 2,
+           "seed": 0, "targets": "all-linear", "use_rslora": False}
+    assert AdapterSpec.from_dict({**old, "init": "mora", "mora_type": "rotation"}) == AdapterSpec(
+        rank=2, kind="mora", options={"mora_type": "rotation"})
+    assert AdapterSpec.from_dict({**old, "init": "full"}) == AdapterSpec(rank=2, kind="full")
+    assert AdapterSpec.from_dict({**old, "init": "pissa-fast"}) == AdapterSpec(rank=2, init="pissa-fast")
+
+
+def test_dropout_is_peft_lora_dropout():
+    cfg = AdapterSpec(dropout=0.05).to_peft_config()
+    assert cfg["lora_dropout"] == 0.05
+    assert AdapterSpec.from_peft_config({**cfg, "lora_dropout": 0.1}).dropout == 0.1

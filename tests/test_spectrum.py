@@ -1,13 +1,14 @@
-"""The weight-change rank of pissa compare's report (pissa.spectrum), against float64 numpy."""
+"""The weight-change rank of pissa compare's report (pissa.studies.spectrum), against float64 numpy."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from pissa.formats.peft import Adapter, save_adapter
-from pissa.init import run_init
-from pissa.spec import AdapterSpec
-from pissa.spectrum import module_type, rank_for, weight_change_ranks
+from pissa.adapters.adapter import Adapter
+from pissa.files.formats.peft import save_adapter
+from pissa.jobs.init import run_init
+from pissa.adapters.spec import AdapterSpec
+from pissa.studies.spectrum import module_type, rank_for, weight_change_ranks
 
 
 def test_rank_for_counts_the_variance():
@@ -23,9 +24,9 @@ def test_weight_change_ranks_of_a_lora_and_of_a_full_update(tiny_llama, tmp_path
     lora_init = tmp_path / "lora"
     run_init(str(tiny_llama), lora_init, AdapterSpec(rank=3, init="lora"), progress=False)
     full_init = tmp_path / "full"
-    run_init(str(tiny_llama), full_init, AdapterSpec(init="full"), progress=False)
-    from pissa.formats.peft import load_adapter
-    from pissa.loaders import open_model
+    run_init(str(tiny_llama), full_init, AdapterSpec(kind="full"), progress=False)
+    from pissa.files.formats.peft import load_adapter
+    from pissa.files.loaders import open_model
 
     rng = np.random.default_rng(0)
     start = load_adapter(lora_init / "pissa_init")
@@ -38,7 +39,7 @@ def test_weight_change_ranks_of_a_lora_and_of_a_full_update(tiny_llama, tmp_path
                           "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"}
     assert all(1 <= r["max"] <= 3 and r["layers"] == 2 for r in ranks.values())
     base = open_model(str(tiny_llama))
-    full = Adapter(AdapterSpec(init="full"), {m: (base.get(m + ".weight") + rng.standard_normal(
+    full = Adapter(AdapterSpec(kind="full"), {m: (base.get(m + ".weight") + rng.standard_normal(
         base.shapes()[m + ".weight"]).astype(np.float32),) for m in start.factors})
     (tmp_path / "full-trained").mkdir()
     save_adapter(tmp_path / "full-trained", full)

@@ -15,9 +15,9 @@ import gguf
 import numpy as np
 import pytest
 
-from pissa.loaders import resolve
-from pissa.loaders.gguf import GGUFSource
-from pissa.loaders.hf import HFSource
+from pissa.files.loaders import resolve
+from pissa.files.loaders.gguf import GGUFSource
+from pissa.files.loaders.hf import HFSource
 
 transformers = pytest.importorskip("transformers")
 spm = pytest.importorskip("sentencepiece")
@@ -99,7 +99,7 @@ def test_hf_source_copies_tokenizer_files(smol_tokenizers, tmp_path):
     folder = tmp_path / "model"
     shutil.copytree(out, folder)
     (folder / "config.json").write_text("{}")
-    from pissa.formats.safetensors import save
+    from pissa.files.formats.safetensors import save
 
     save(folder / "model.safetensors", {"w": np.zeros(2, np.float32)})
     copied = tmp_path / "copied"
@@ -147,7 +147,7 @@ def test_sentencepiece_folder_encodes_like_sentencepiece(sp_model, tmp_path):
     (folder / "tokenizer_config.json").write_text(json.dumps(
         {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
          "add_bos_token": True, "add_eos_token": False}))
-    from pissa.formats.safetensors import save
+    from pissa.files.formats.safetensors import save
 
     save(folder / "model.safetensors", {"w": np.zeros(2, np.float32)})
     out = tmp_path / "out"

@@ -5,7 +5,7 @@ Module paths are mlx-lm's, which for Llama-family models are the Hugging Face on
 ("model.layers.0.self_attn.q_proj"), so adapters use the same PEFT key names as the torch backend.
 Where mlx-lm names a module otherwise (GPT-2: "model.h.0" for transformers' "transformer.h.0"),
 targets, adapters and state dicts use the Hugging Face path (peft_path).
-Every adapter kind (pissa.kinds) goes through the same verbs; LAYERS maps a kind to the layer
+Every adapter kind (pissa.adapters.kinds) goes through the same verbs; LAYERS maps a kind to the layer
 class that implements its forward.
 """
 
@@ -24,12 +24,12 @@ from pissa_mlx.ops import make_ops
 import mlx.core as mx
 from mlx import nn
 from mlx.utils import tree_unflatten
-from pissa import kinds
+from pissa.adapters import kinds
 from pissa.errors import PissaError
-from pissa.formats import peft as peft_format
-from pissa.formats.peft import Adapter, check_fits
-from pissa.layouts import from_mlx_lm_path
-from pissa.spec import AdapterSpec
+from pissa.files.formats import peft as peft_format
+from pissa.adapters.adapter import Adapter, check_fits
+from pissa.files.layouts import from_mlx_lm_path
+from pissa.adapters.spec import AdapterSpec
 
 LAYERS: dict[str, type[AdapterLinear]] = {"lora": PissaLinear, "mora": MoraLinear, "full": FullLinear}
 
@@ -143,7 +143,7 @@ def apply(model: nn.Module, spec: AdapterSpec, adapter: Adapter | None = None,
         else:
             ops = ops or make_ops(device)
             result = kind.init([to_numpy(w.astype(mx.float32))], [peft(name)], spec, ops)[0]
-            if kind.RESIDUAL:
+            if kind.changes_base(spec):
                 linear.weight = from_numpy(result.base).astype(w.dtype)
             params = tuple(from_numpy(x) for x in result.params)
         wrapped.append((name, LAYERS[spec.kind].from_params(linear, params, spec)))
@@ -212,7 +212,7 @@ def unmerge(model: nn.Module) -> nn.Module:
 def adapter_state_dict(model: nn.Module) -> dict[str, mx.array]:
     """{file key: mx.array}, e.g. "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
     -> A [r, in]; "...lora_B.weight" -> B [out, r] (PEFT's orientation, not mlx-lm's); the kind's
-    tensor names for other kinds (pissa.kinds)."""
+    tensor names for other kinds (pissa.adapters.kinds)."""
     out, peft = {}, peft_path(model)
     for name, layer in pissa_layers(model):
         for t, p in zip(kinds.get(layer.KIND).TENSORS, layer.params()):
@@ -222,7 +222,7 @@ def adapter_state_dict(model: nn.Module) -> dict[str, mx.array]:
 
 def adapter_of(model: nn.Module, spec: AdapterSpec, info: dict | None = None) -> Adapter:
     """The model's current adapter parameters as a core Adapter, in the spec's storage dtype."""
-    from pissa.formats.safetensors import np_dtype
+    from pissa.numeric.dtypes import np_dtype
 
     dt, peft = np_dtype(spec.dtype), peft_path(model)
     factors = {peft(name): tuple(to_numpy(p.astype(mx.float32)).astype(dt) for p in layer.params())
@@ -233,7 +233,7 @@ def adapter_of(model: nn.Module, spec: AdapterSpec, info: dict | None = None) ->
 def save_adapter(model: nn.Module, path: str | Path, spec: AdapterSpec, info: dict | None = None) -> None:
     """Write the model's adapter as a PEFT folder at `path` (created; written atomically); the
     torch backend and PEFT load it."""
-    from pissa.formats.hf import atomic_dir
+    from pissa.files.formats.hf import atomic_dir
 
     with atomic_dir(Path(path), force=True) as tmp:
         peft_format.save_adapter(tmp, adapter_of(model, spec, info))

@@ -13,9 +13,9 @@ from tqdm.auto import tqdm
 
 import mlx.core as mx
 from mlx import nn
-from pissa.data import eval_split, load_tokenizer, pad_id
-from pissa.evaluate import exact_match
-from pissa.loaders import model_folder
+from pissa.training.data import eval_split, load_tokenizer, pad_id
+from pissa.studies.scoring import exact_match
+from pissa.files.loaders import model_folder
 
 
 def stop_ids(model_dir: Path, tokenizer) -> set[int]:
@@ -97,7 +97,7 @@ def evaluate(model_dir: str | Path, data: str | Path, *, adapter: str | Path | N
              max_seq_len: int = 512, limit: int | None = None, progress: bool = True) -> dict:
     """Loss on the completions and exact-match accuracy of greedy answers.
 
-    model_dir (a folder or a Hugging Face Hub id, see pissa.loaders.model_folder) with
+    model_dir (a folder or a Hugging Face Hub id, see pissa.files.loaders.model_folder) with
     adapter=None uses MODEL_DIR/pissa_init when it exists (a pissa init folder), else the plain model.
 
     Returns:

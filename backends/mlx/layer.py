@@ -1,11 +1,11 @@
-"""Adapter layers over a frozen mlx.nn.Linear, one class per adapter kind (pissa.kinds), each
+"""Adapter layers over a frozen mlx.nn.Linear, one class per adapter kind (pissa.adapters.kinds), each
 wrapping and unwrapping itself in the mlx-lm style (from_base / fuse):
 
 - AdapterLinear: what every kind shares: the frozen base, merge / unmerge / fuse through the
   kind's dense update delta(), and the names of its trainable parameters (PARAMS);
 - PissaLinear (kind "lora"): W_res plus the trainable factors A [r, in] and B [out, r],
   y = x W_res^T + s * (dropout(x) A^T) B^T, the orientation used everywhere in pissa (PEFT's, not
-  mlx-lm's [in, r] / [r, out]; pissa.formats.mlx_lm converts at the file boundary).
+  mlx-lm's [in, r] / [r, out]; pissa.files.formats.mlx_lm converts at the file boundary).
   MoraLinear lives in pissa_mlx.mora;
 - FullLinear (kind "full"): full fine-tuning, the base weight itself trains.
 

@@ -1,4 +1,4 @@
-"""MoraLinear: MoRA's forward in MLX (the math and its float64 oracle: pissa.kinds.mora).
+"""MoraLinear: MoRA's forward in MLX (the math and its float64 oracle: pissa.adapters.kinds.mora).
 
 y = base(x) + decompress(M compress(x)), with M [r_hat, r_hat] trainable and the base frozen and
 unchanged. Compression and decompression are reshapes and sums, never dense matrices; delta()
@@ -11,7 +11,7 @@ from pissa_mlx.layer import AdapterLinear, weight_shape
 
 import mlx.core as mx
 from mlx import nn
-from pissa.kinds import mora
+from pissa.adapters.kinds import mora
 
 
 def _wrap(x: mx.array, length: int) -> mx.array:
@@ -24,7 +24,7 @@ def _wrap(x: mx.array, length: int) -> mx.array:
 
 def _fold(y: mx.array, n_out: int) -> mx.array:
     """The rotation type's output map: tile y to n_out when it is shorter, otherwise sum its
-    entries modulo n_out (pissa.kinds.mora.fold_matrix)."""
+    entries modulo n_out (pissa.adapters.kinds.mora.fold_matrix)."""
     length = y.shape[-1]
     if length <= n_out:
         return _wrap(y, n_out)
@@ -69,7 +69,7 @@ class MoraLinear(AdapterLinear):
         problem = mora.wrong_shape(spec, weight_shape(base), M.shape)
         if problem:
             raise ValueError(problem)
-        return cls(base, M, spec.mora_type)
+        return cls(base, M, spec.option("mora_type"))
 
     def update(self, x: mx.array) -> mx.array:
         """decompress(M compress(x)) for x [..., in] -> [..., out]."""

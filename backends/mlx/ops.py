@@ -1,4 +1,4 @@
-"""pissa.ops.Ops for MLX: the decomposition on the CPU, or its matmuls on the GPU (Apple silicon).
+"""pissa.numeric.ops.Ops for MLX: the decomposition on the CPU, or its matmuls on the GPU (Apple silicon).
 
 MLX's quirks, and what we do about them:
 - mx.linalg.svd and mx.linalg.qr run only on a CPU stream, in float32 or float64.
@@ -22,8 +22,8 @@ import numpy as np
 
 import mlx.core as mx
 from pissa.errors import PissaError
-from pissa.formats.quantized import unpack_bits
-from pissa.quant import QTensor, QuantScheme
+from pissa.files.formats.quantized import unpack_bits
+from pissa.numeric.quant import QTensor, QuantScheme
 
 _DTYPES = {"float64": mx.float64, "float32": mx.float32}
 _STORAGE = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
@@ -38,7 +38,7 @@ class MlxOps:
     """
 
     name = "mlx"
-    # MLX's affine scheme only: there is no NF4 in MLX, so pissa.qpissa.check_backend refuses it.
+    # MLX's affine scheme only: there is no NF4 in MLX, so pissa.numeric.qpissa.check_backend refuses it.
     quant_schemes = ("int8", "affine4")
 
     def __init__(self, device: mx.Device):
@@ -46,7 +46,7 @@ class MlxOps:
         self.svd_batch = 1
 
     def scope(self, compute_dtype: str):
-        """The stream the decomposition's arithmetic runs on (pissa.decompose enters it)."""
+        """The stream the decomposition's arithmetic runs on (pissa.numeric.decompose enters it)."""
         if compute_dtype == "float64" or self.device == mx.cpu:
             return mx.stream(mx.cpu)
         return mx.stream(self.device) if self.device is not None else contextlib.nullcontext()
@@ -95,7 +95,7 @@ class MlxOps:
         that dtype first, as mlx-lm quantises a model stored in it.
 
         Returns (QTensor: codes uint8 [out, in] unpacked, scales and biases [out, in / group] as
-        float32 arrays of dtype's values, bit-identical to pissa.quant's reference; deq(Q(x)) in
+        float32 arrays of dtype's values, bit-identical to pissa.numeric.quant's reference; deq(Q(x)) in
         x's dtype).
         Both run on the CPU stream: MLX's CPU kernel is the one checked bit for bit against the
         reference, quantising is cheap next to the SVDs, and float64 could not go to Metal anyway.

@@ -1,10 +1,10 @@
 """`pissa train --backend mlx`: the framework half of a run, top to bottom.
 
 The model (the init folder with its adapter), AdamW, the compiled micro-step and update, and the
-five framework steps pissa.loop asks for: a micro-batch's forward and backward, the clipped
+five framework steps pissa.training.loop asks for: a micro-batch's forward and backward, the clipped
 optimizer step, the eval loss, the adapter now, and the optimizer state for checkpoints.
 Everything else (data, tokenisation, schedule, run folder, resume, NaN and Ctrl-C handling, eval
-and save cadence, the final adapter and LoRA) is pissa.loop's, shared with the torch backend, so
+and save cadence, the final adapter and LoRA) is pissa.training.loop's, shared with the torch backend, so
 both backends see the same batches in the same order and write the same run folder.
 
 Under mlx.launch the run is data-parallel as in mlx-lm: every rank holds the model, runs its rows
@@ -24,10 +24,10 @@ import mlx.optimizers as optim
 from mlx import nn
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 from pissa import dist
-from pissa.data import IGNORE, Dataset, collate
+from pissa.training.data import IGNORE, Dataset, collate
 from pissa.errors import PissaError
-from pissa.loop import prepare, run_loop
-from pissa.training import TrainConfig, lr_at
+from pissa.training.loop import prepare, run_loop
+from pissa.training.run import TrainConfig, lr_at
 
 OPTIMIZER_FILE = "optimizer.safetensors"
 PAD_MULTIPLE = 32  # mx.compile traces once per input shape; rounding the width keeps shapes few

@@ -1,7 +1,7 @@
 """The torch backend's public verbs over a transformers model: apply, load, merge, unmerge,
 adapter_state_dict, save_adapter. Models are changed in place and returned.
 
-Every adapter kind (pissa.kinds) goes through the same verbs; LAYERS maps a kind to the layer
+Every adapter kind (pissa.adapters.kinds) goes through the same verbs; LAYERS maps a kind to the layer
 class that implements its forward.
 """
 
@@ -15,12 +15,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from pissa import kinds
+from pissa.adapters import kinds
 from pissa.errors import PissaError
-from pissa.formats import peft as peft_format
-from pissa.formats.peft import Adapter
-from pissa.formats.peft import check_fits as _check_fits
-from pissa.spec import AdapterSpec
+from pissa.files.formats import peft as peft_format
+from pissa.adapters.adapter import Adapter
+from pissa.adapters.adapter import check_fits as _check_fits
+from pissa.adapters.spec import AdapterSpec
 from pissa_torch.layer import AdapterLinear, FullLinear, PissaLinear, dense_weight, weight_shape
 from pissa_torch.mora import MoraLinear
 from pissa_torch.ops import make_ops
@@ -122,7 +122,7 @@ def apply(model: nn.Module, spec: AdapterSpec, adapter: Adapter | None = None,
             w = dense_weight(linear)  # [out, in], a view of a Conv1D's [in, out] weight
             ops = make_ops(device or str(w.device))
             result = kind.init([to_numpy(w.float())], [name], spec, ops)[0]
-            if kind.RESIDUAL:
+            if kind.changes_base(spec):
                 w.copy_(from_numpy(result.base).to(w.dtype))
             params = tuple(from_numpy(x) for x in result.params)
         _replace(model, name, LAYERS[spec.kind].from_params(linear, params, spec))
@@ -163,7 +163,7 @@ def unmerge(model: nn.Module) -> nn.Module:
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """{file key: tensor}, e.g. "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
-    (the kind's tensor names: pissa.kinds)."""
+    (the kind's tensor names: pissa.adapters.kinds)."""
     out = {}
     for name, layer in pissa_layers(model):
         for t, p in zip(kinds.get(layer.KIND).TENSORS, layer.params()):
@@ -173,7 +173,7 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def adapter_of(model: nn.Module, spec: AdapterSpec, info: dict | None = None) -> Adapter:
     """The model's current adapter parameters as a core Adapter, in the spec's storage dtype."""
-    from pissa.formats.safetensors import np_dtype
+    from pissa.numeric.dtypes import np_dtype
 
     dt = np_dtype(spec.dtype)
     factors = {name: tuple(to_numpy(p.float()).astype(dt) for p in layer.params())
@@ -183,7 +183,7 @@ def adapter_of(model: nn.Module, spec: AdapterSpec, info: dict | None = None) ->
 
 def save_adapter(model: nn.Module, path: str | Path, spec: AdapterSpec, info: dict | None = None) -> None:
     """Write the model's adapter as a PEFT folder at `path` (created; written atomically)."""
-    from pissa.formats.hf import atomic_dir
+    from pissa.files.formats.hf import atomic_dir
 
     with atomic_dir(Path(path), force=True) as tmp:
         peft_format.save_adapter(tmp, adapter_of(model, spec, info))

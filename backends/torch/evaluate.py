@@ -8,9 +8,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from pissa.data import eval_split, load_tokenizer, pad_id
-from pissa.evaluate import exact_match
-from pissa.loaders import model_folder
+from pissa.training.data import eval_split, load_tokenizer, pad_id
+from pissa.studies.scoring import exact_match
+from pissa.files.loaders import model_folder
 from pissa_torch.api import load
 from pissa_torch.quantized import load_base
 from pissa_torch.train import autocast_for, eval_loss, pick_device
@@ -54,7 +54,7 @@ def evaluate(model_dir: str | Path, data: str | Path, *, adapter: str | Path | N
              max_seq_len: int = 512, limit: int | None = None, progress: bool = True) -> dict:
     """Loss on the completions and exact-match accuracy of greedy answers.
 
-    model_dir (a folder or a Hugging Face Hub id, see pissa.loaders.model_folder) with
+    model_dir (a folder or a Hugging Face Hub id, see pissa.files.loaders.model_folder) with
     adapter=None uses MODEL_DIR/pissa_init when it exists (a pissa init folder), else the plain model.
     """
     model_dir = model_folder(model_dir)

@@ -1,4 +1,4 @@
-"""Adapter layers over a frozen base linear layer, one class per adapter kind (pissa.kinds), each
+"""Adapter layers over a frozen base linear layer, one class per adapter kind (pissa.adapters.kinds), each
 wrapping and unwrapping itself in the mlx-lm style (from_base / fuse):
 
 - AdapterLinear: what every kind shares: the frozen base, merge / unmerge / fuse through the

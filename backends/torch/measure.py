@@ -1,4 +1,4 @@
-"""The forward passes pissa.forgetting needs, in torch: per-row token log-likelihoods and the KL
+"""The forward passes pissa.studies.forgetting needs, in torch: per-row token log-likelihoods and the KL
 divergence of a model's next-token distribution from a reference model's."""
 
 from __future__ import annotations
@@ -6,13 +6,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from pissa.data import IGNORE
-from pissa.forgetting import EXP_SAFE
+from pissa.training.data import IGNORE
+from pissa.studies.forgetting import EXP_SAFE
 
 
 @torch.no_grad()
 def token_stats(model, batch: dict[str, np.ndarray], reference=None, device="cpu") -> tuple[np.ndarray, ...]:
-    """For a collated batch (pissa.data.collate): per row, the summed negative log-likelihood of
+    """For a collated batch (pissa.training.data.collate): per row, the summed negative log-likelihood of
     the labelled next tokens, the summed KL(p_reference || p_model) over the same positions (zeros
     without a reference), and the count of those positions. float64 sums of float32 log-softmaxes.
 

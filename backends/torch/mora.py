@@ -1,4 +1,4 @@
-"""MoraLinear: MoRA's forward in torch (the math and its float64 oracle: pissa.kinds.mora).
+"""MoraLinear: MoRA's forward in torch (the math and its float64 oracle: pissa.adapters.kinds.mora).
 
 y = base(x) + decompress(M compress(x)), with M [r_hat, r_hat] trainable and the base frozen and
 unchanged. Compression and decompression are reshapes and sums, never dense matrices, so a step
@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pissa.kinds import mora
+from pissa.adapters.kinds import mora
 from pissa_torch.layer import AdapterLinear, weight_shape
 from pissa_torch.quantized import compute_dtype
 
@@ -26,7 +26,7 @@ def _wrap(x: torch.Tensor, length: int) -> torch.Tensor:
 
 def _fold(y: torch.Tensor, n_out: int) -> torch.Tensor:
     """The rotation type's output map: tile y to n_out when it is shorter, otherwise sum its
-    entries modulo n_out (pissa.kinds.mora.fold_matrix)."""
+    entries modulo n_out (pissa.adapters.kinds.mora.fold_matrix)."""
     length = y.shape[-1]
     if length <= n_out:
         return _wrap(y, n_out)
@@ -69,7 +69,7 @@ class MoraLinear(AdapterLinear):
         problem = mora.wrong_shape(spec, weight_shape(base), tuple(M.shape))
         if problem:
             raise ValueError(problem)
-        return cls(base, M, spec.mora_type)
+        return cls(base, M, spec.option("mora_type"))
 
     def update(self, x: torch.Tensor) -> torch.Tensor:
         """decompress(M compress(x)) for x [..., in] -> [..., out]."""

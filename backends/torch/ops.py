@@ -1,4 +1,4 @@
-"""pissa.ops.Ops for PyTorch: the decomposition on a CPU or CUDA device."""
+"""pissa.numeric.ops.Ops for PyTorch: the decomposition on a CPU or CUDA device."""
 
 from __future__ import annotations
 
@@ -71,7 +71,7 @@ class TorchOps:
         return x.to(torch.float32).to(_STORAGE[dtype]).to(x.dtype)
 
     def quantize(self, x: torch.Tensor, scheme, dtype: str = "float32"):
-        """(QTensor on the host, bit-identical to pissa.quant; deq(Q(x)) on x's device in x's
+        """(QTensor on the host, bit-identical to pissa.numeric.quant; deq(Q(x)) on x's device in x's
         dtype), quantised from the storage dtype `dtype`. See pissa_torch.quant."""
         from pissa_torch.quant import quantize
 

@@ -1,13 +1,13 @@
-"""The torch quantisers for QPiSSA, bit-identical to the numpy references in pissa.quant.
+"""The torch quantisers for QPiSSA, bit-identical to the numpy references in pissa.numeric.quant.
 
 - nf4 goes through bitsandbytes itself (quantize_4bit / dequantize_4bit, on the tensor's device),
   so the codes are by construction what a bitsandbytes Linear4bit stores; the test suite checks
-  they equal pissa.quant's reference.
-- affine (int8, affine4) is pissa.quant._affine transcribed op for op in float32 torch, so it runs
+  they equal pissa.numeric.quant's reference.
+- affine (int8, affine4) is pissa.numeric.quant._affine transcribed op for op in float32 torch, so it runs
   on CUDA too. Every step is one IEEE float32 operation (no fused multiply-add: torch's eager
   kernels round after each op), which is what makes the results bit-identical to numpy's.
 - A weight stored in bfloat16 or float16 is quantised from that dtype as the libraries do
-  (pissa.quant's docstring): bitsandbytes gets the bfloat16 tensor itself; the affine scales and
+  (pissa.numeric.quant's docstring): bitsandbytes gets the bfloat16 tensor itself; the affine scales and
   biases are rounded to it and the dequantisation computed in it, one rounding per op as MLX.
 """
 
@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from pissa.quant import QTensor, QuantScheme, check_fits
+from pissa.numeric.quant import QTensor, QuantScheme, check_fits
 
 
 STORAGE = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -27,7 +27,7 @@ def quantize(x: torch.Tensor, s: QuantScheme, dtype: str = "float32") -> tuple[Q
 
     Returns:
         (QTensor on the host: unpacked uint8 codes and scales / absmax / biases as float32 arrays,
-        as pissa.quant.quantize gives them; deq(Q(x)) on x's device in x's dtype).
+        as pissa.numeric.quant.quantize gives them; deq(Q(x)) on x's device in x's dtype).
 
     Raises:
         PissaError: when the group size does not divide the input dimension.
@@ -81,7 +81,7 @@ def _affine(x: torch.Tensor, s: QuantScheme, storage: torch.dtype) -> tuple[QTen
 
 
 def dequantize_affine(codes: torch.Tensor, scales: torch.Tensor, biases: torch.Tensor) -> torch.Tensor:
-    """scale * code + bias in the scales' dtype, as pissa.quant.dequantize (a multiply, then an
+    """scale * code + bias in the scales' dtype, as pissa.numeric.quant.dequantize (a multiply, then an
     add, each rounded to that dtype; codes up to 255 are exact in every float dtype).
 
     codes [out, in] (any integer or float dtype) or already grouped [out, in / g, g];

@@ -1,6 +1,6 @@
 """Quantised base layers for QPiSSA training, and the loader for every residual-model folder.
 
-`pissa init --quantize` writes the residual model in one of two layouts (pissa.formats.quantized):
+`pissa init --quantize` writes the residual model in one of two layouts (pissa.files.formats.quantized):
 - nf4: transformers' bitsandbytes 4-bit serialisation. transformers itself builds the
   bitsandbytes Linear4bit layers from it (CPU or CUDA).
 - int8 / affine4: mlx-lm's quantised layout, which transformers cannot read. Its quantised
@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pissa.errors import PissaError
-from pissa.formats import quantized as qformat
+from pissa.files.formats import quantized as qformat
 from pissa_torch.quant import dequantize_affine
 
 
@@ -46,7 +46,7 @@ class AffineQuantLinear(nn.Module):
     Buffers: weight int32 [out, in * bits / 32] (mlx-lm's uint32 words, same bits), scales and
     biases float32 [out, in / group_size], and an optional float bias [out]. forward(x) =
     x @ deq(Q)^T (+ bias) with deq(Q) = scale * code + bias in float32, bit-identical to
-    pissa.quant.dequantize. Nothing here is trainable.
+    pissa.numeric.quant.dequantize. Nothing here is trainable.
     """
 
     def __init__(self, weight: torch.Tensor, scales: torch.Tensor, biases: torch.Tensor, bits: int,

@@ -1,9 +1,9 @@
 """`pissa train --backend torch`: the framework half of a run, top to bottom.
 
-The model (the init folder with its adapter), AdamW, and the five framework steps pissa.loop asks
+The model (the init folder with its adapter), AdamW, and the five framework steps pissa.training.loop asks
 for: a micro-batch's forward and backward, the clipped optimizer step, the eval loss, the adapter
 now, and the optimizer state for checkpoints. Everything else (data, schedule, run folder, resume,
-NaN and Ctrl-C handling, eval and save cadence, the final adapter and LoRA) is pissa.loop's,
+NaN and Ctrl-C handling, eval and save cadence, the final adapter and LoRA) is pissa.training.loop's,
 shared with the MLX backend.
 
 Under torchrun the model is wrapped for DDP (a replica per rank) or, with shard=True, split with
@@ -22,10 +22,10 @@ import torch
 import torch.nn.functional as F
 
 from pissa import dist
-from pissa.data import IGNORE, Dataset, collate
+from pissa.training.data import IGNORE, Dataset, collate
 from pissa.errors import PissaError
-from pissa.loop import prepare, run_loop
-from pissa.training import TrainConfig
+from pissa.training.loop import prepare, run_loop
+from pissa.training.run import TrainConfig
 from pissa_torch.api import adapter_of, apply
 from pissa_torch.dist import full_state, load_state, sync, wrap
 from pissa_torch.quantized import load_base

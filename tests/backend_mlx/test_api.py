@@ -17,8 +17,9 @@ from pissa_mlx.api import load_base  # noqa: E402
 from pissa_mlx.ops import MlxOps, make_ops  # noqa: E402
 
 from pissa.errors import PissaError  # noqa: E402
-from pissa.formats.peft import Adapter, load_adapter  # noqa: E402
-from pissa.spec import AdapterSpec  # noqa: E402
+from pissa.adapters.adapter import Adapter  # noqa: E402
+from pissa.files.formats.peft import load_adapter  # noqa: E402
+from pissa.adapters.spec import AdapterSpec  # noqa: E402
 from tests.conftest import rel_max_diff, write_tiny_llama  # noqa: E402
 
 IDS = mx.array([[5, 17, 100, 42, 9, 120, 7]])  # within the tiny vocab of 128
@@ -84,7 +85,7 @@ def test_apply_keeps_the_function_and_trains_only_the_factors(base):
 
 
 def test_apply_with_the_core_decomposition_matches_pissa_init(base, tmp_path):
-    from pissa.init import run_init
+    from pissa.jobs.init import run_init
 
     run_init(str(base), tmp_path / "init", AdapterSpec(rank=4), progress=False)
     model = load_base(base)
@@ -140,7 +141,7 @@ def test_save_and_load_round_trip(tiny_chat, tmp_path):
 
 
 def test_an_adapter_for_another_model_lists_every_mismatch(tiny_chat, tmp_path):
-    from pissa.init import run_init
+    from pissa.jobs.init import run_init
 
     other = write_tiny_llama(tmp_path / "other", hidden=96, inter=128, layers=3)
     run_init(str(other), tmp_path / "other_init", AdapterSpec(rank=4), progress=False)

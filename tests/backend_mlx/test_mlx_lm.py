@@ -14,9 +14,10 @@ mx = pytest.importorskip("mlx.core")
 pytest.importorskip("mlx_lm")
 
 from pissa.cli import main  # noqa: E402
-from pissa.formats.mlx_lm import load_mlx_adapter, save_mlx_adapter  # noqa: E402
-from pissa.formats.peft import Adapter, load_adapter  # noqa: E402
-from pissa.spec import AdapterSpec  # noqa: E402
+from pissa.files.formats.mlx_lm import load_mlx_adapter, save_mlx_adapter  # noqa: E402
+from pissa.adapters.adapter import Adapter  # noqa: E402
+from pissa.files.formats.peft import load_adapter  # noqa: E402
+from pissa.adapters.spec import AdapterSpec  # noqa: E402
 from tests.conftest import DATA, PROMPT_IDS, rel_max_diff  # noqa: E402
 
 IDS = mx.array(PROMPT_IDS)
@@ -67,7 +68,7 @@ def exported(mlx_run, tiny_chat, tmp_path_factory):
 
 
 def test_the_exported_files_are_mlx_lms(exported):
-    from pissa.formats.safetensors import SafetensorsFile
+    from pissa.files.formats.safetensors import SafetensorsFile
 
     cfg = json.loads((exported / "adapter_config.json").read_text())
     assert cfg["fine_tune_type"] == "lora" and cfg["num_layers"] == -1
@@ -115,7 +116,7 @@ def test_an_adapter_on_some_blocks_only_lands_on_those_blocks(tiny_chat, tmp_pat
     lora = Adapter(AdapterSpec(rank=4, alpha=8, targets=tuple(modules), init="lora"), factors)
     (tmp_path / "mlx").mkdir()
     save_mlx_adapter(tmp_path / "mlx", lora)
-    from pissa.formats.peft import save_adapter
+    from pissa.files.formats.peft import save_adapter
 
     (tmp_path / "peft").mkdir()
     save_adapter(tmp_path / "peft", lora)
@@ -130,8 +131,8 @@ def test_an_adapter_on_some_blocks_only_lands_on_those_blocks(tiny_chat, tmp_pat
 
 def write_original_smollm2(folder):
     """SmolLM2-135M as an ordinary float32 model folder: the ORIGINAL base an mlx-lm LoRA applies to."""
-    from pissa.formats import hf
-    from pissa.loaders import open_model
+    from pissa.files.formats import hf
+    from pissa.files.loaders import open_model
 
     source = open_model("smollm2-135m")
     shapes = source.shapes()

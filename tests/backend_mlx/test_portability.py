@@ -12,8 +12,8 @@ import pytest
 mx = pytest.importorskip("mlx.core")
 torch = pytest.importorskip("torch")
 
-from pissa.formats.peft import load_adapter  # noqa: E402
-from pissa.formats.safetensors import load  # noqa: E402
+from pissa.files.formats.peft import load_adapter  # noqa: E402
+from pissa.files.formats.safetensors import load  # noqa: E402
 from tests.backend_mlx.conftest import run_cli  # noqa: E402
 from tests.conftest import PROMPT_IDS, rel_max_diff  # noqa: E402
 

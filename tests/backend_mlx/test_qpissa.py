@@ -15,11 +15,11 @@ pytest.importorskip("mlx_lm")
 from mlx import nn  # noqa: E402
 from safetensors.numpy import load_file  # noqa: E402
 
-from pissa import quant  # noqa: E402
+from pissa.numeric import quant  # noqa: E402
 from pissa.cli import main  # noqa: E402
 from pissa.errors import PissaError  # noqa: E402
-from pissa.formats.quantized import unpack_bits  # noqa: E402
-from pissa.spec import AdapterSpec, parse_targets  # noqa: E402
+from pissa.files.formats.quantized import unpack_bits  # noqa: E402
+from pissa.adapters.spec import AdapterSpec, parse_targets  # noqa: E402
 from tests.backend_mlx.conftest import run_cli  # noqa: E402
 from tests.conformance.qpissa_checks import init_each  # noqa: E402
 from tests.conftest import PROMPT_IDS, rel_max_diff, write_tiny_llama  # noqa: E402
@@ -32,7 +32,7 @@ IDS = mx.array(PROMPT_IDS)
 @pytest.mark.parametrize("name,group", [("int8", 64), ("affine4", 64), ("affine4", 32)])  # 128 divides no 576
 @pytest.mark.parametrize("compute", ["float64", "float32"])
 def test_mx_quantize_through_ops_is_the_reference_bit_for_bit(smollm2_matrices, name, group, compute):
-    """Codes, scales, biases and deq(Q(W)) of all 21 real matrices, as pissa.qpissa calls it
+    """Codes, scales, biases and deq(Q(W)) of all 21 real matrices, as pissa.numeric.qpissa calls it
     (inside ops.scope, x in the compute dtype)."""
     from pissa_mlx.ops import make_ops
 
@@ -66,7 +66,7 @@ def test_mx_quantize_of_16_bit_weights_is_the_reference_bit_for_bit(smollm2_matr
         assert np.array_equal(np.array(biases.astype(mx.float32)), ref.biases), module
         deq = mx.dequantize(words, scales, biases, group_size=group, bits=s.bits)
         assert np.array_equal(np.array(deq.astype(mx.float32)), quant.dequantize(ref)), module
-        with ops.scope("float64"):  # and through ops, as pissa.qpissa calls it
+        with ops.scope("float64"):  # and through ops, as pissa.numeric.qpissa calls it
             q, deq64 = ops.quantize(ops.asarray(W, "float64"), s, storage)
         assert q.dtype == storage and np.array_equal(q.codes, ref.codes), module
         assert np.array_equal(q.scales, ref.scales) and np.array_equal(q.biases, ref.biases), module
@@ -228,7 +228,7 @@ def test_apply_on_a_quantised_model_points_to_qpissa(qpissa_chat):
     from pissa_mlx import apply
     from pissa_mlx.api import load_base
 
-    from pissa.spec import AdapterSpec
+    from pissa.adapters.spec import AdapterSpec
 
     with pytest.raises(PissaError, match=r"needs the full-precision weight to decompose; run QPiSSA on the "
                                          r"unquantised model instead: pissa init MODEL --quantize affine4"):
@@ -282,7 +282,7 @@ def chat_batch(model_dir, n: int = 8):
     """The first n training records, tokenised as pissa train does: (input_ids, labels, mask)."""
     from transformers import AutoTokenizer
 
-    from pissa.data import collate, load_dataset, pad_id
+    from pissa.training.data import collate, load_dataset, pad_id
     from tests.conftest import DATA
 
     tok = AutoTokenizer.from_pretrained(model_dir)

@@ -10,8 +10,8 @@ import pytest
 mx = pytest.importorskip("mlx.core")
 
 from pissa.cli import main  # noqa: E402
-from pissa.formats.peft import load_adapter  # noqa: E402
-from pissa.formats.safetensors import load  # noqa: E402
+from pissa.files.formats.peft import load_adapter  # noqa: E402
+from pissa.files.formats.safetensors import load  # noqa: E402
 from tests.backend_mlx.conftest import RUN, run_cli  # noqa: E402
 from tests.conftest import DATA, PROMPT_IDS, interrupt_at, rel_max_diff  # noqa: E402
 

@@ -10,8 +10,8 @@ torch = pytest.importorskip("torch")
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 from pissa.errors import PissaError  # noqa: E402
-from pissa.formats.peft import load_adapter  # noqa: E402
-from pissa.spec import AdapterSpec  # noqa: E402
+from pissa.files.formats.peft import load_adapter  # noqa: E402
+from pissa.adapters.spec import AdapterSpec  # noqa: E402
 from pissa_torch import PissaLinear, adapter_state_dict, apply, load, merge, save_adapter, unmerge  # noqa: E402
 from pissa_torch.api import from_numpy  # noqa: E402
 from tests.conftest import rel_max_diff, write_tiny_llama  # noqa: E402
@@ -42,7 +42,7 @@ def test_apply_keeps_the_function_and_trains_only_the_factors(base):
 
 
 def test_apply_with_the_core_decomposition_matches_pissa_init(base, tmp_path):
-    from pissa.init import run_init
+    from pissa.jobs.init import run_init
 
     run_init(str(base), tmp_path / "init", AdapterSpec(rank=4), progress=False)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
@@ -91,7 +91,7 @@ def test_save_and_load_round_trip(tiny_chat, tmp_path):
 
 
 def test_an_adapter_for_another_model_lists_every_mismatch(tiny_chat, tmp_path):
-    from pissa.init import run_init
+    from pissa.jobs.init import run_init
 
     other = write_tiny_llama(tmp_path / "other", hidden=96, inter=128, layers=3)
     run_init(str(other), tmp_path / "other_init", AdapterSpec(rank=4), progress=False)
@@ -112,7 +112,7 @@ def test_targets_that_match_nothing(base):
 def test_training_never_writes_into_the_callers_adapter_arrays(tiny_chat):
     """Regression: torch.from_numpy shares memory, so training once rewrote the initial adapter
     in memory and conversion then produced a wrong LoRA."""
-    from pissa.formats.peft import load_adapter
+    from pissa.files.formats.peft import load_adapter
 
     adapter = load_adapter(tiny_chat / "pissa_init")
     before = {m: (A.copy(), B.copy()) for m, (A, B) in adapter.factors.items()}

@@ -8,9 +8,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from pissa.decompose import decompose  # noqa: E402
-from pissa.ops import NumpyOps  # noqa: E402
-from pissa.spec import AdapterSpec  # noqa: E402
+from pissa.adapters.inits import decompose  # noqa: E402
+from pissa.numeric.ops import NumpyOps  # noqa: E402
+from pissa.adapters.spec import AdapterSpec  # noqa: E402
 from tests.conformance import tolerances as tol  # noqa: E402
 from tests.conftest import DATA  # noqa: E402
 

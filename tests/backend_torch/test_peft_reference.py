@@ -10,9 +10,9 @@ import pytest
 torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
 
-from pissa.decompose import decompose  # noqa: E402
-from pissa.init import ADAPTER_DIR, run_init  # noqa: E402
-from pissa.spec import AdapterSpec  # noqa: E402
+from pissa.adapters.inits import decompose  # noqa: E402
+from pissa.jobs.init import ADAPTER_DIR, run_init  # noqa: E402
+from pissa.adapters.spec import AdapterSpec  # noqa: E402
 from pissa_torch.ops import make_ops  # noqa: E402
 from tests.conformance import tolerances as tol  # noqa: E402
 from tests.conftest import DATA, PROMPT_IDS, rel_max_diff  # noqa: E402

@@ -1,4 +1,4 @@
-"""QPiSSA on the torch backend: the quantisers against pissa.quant bit for bit, torch init against
+"""QPiSSA on the torch backend: the quantisers against pissa.numeric.quant bit for bit, torch init against
 numpy init, loading the quantised residual folders, and training on them."""
 
 from __future__ import annotations
@@ -11,14 +11,14 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("bitsandbytes")
 
-from pissa import quant  # noqa: E402
+from pissa.numeric import quant  # noqa: E402
 from pissa.cli import main  # noqa: E402
 from pissa.errors import PissaError  # noqa: E402
-from pissa.formats.peft import load_adapter  # noqa: E402
-from pissa.formats.quantized import pack_bits  # noqa: E402
-from pissa.init import run_init  # noqa: E402
-from pissa.loaders import open_model  # noqa: E402
-from pissa.spec import AdapterSpec, parse_targets  # noqa: E402
+from pissa.files.formats.peft import load_adapter  # noqa: E402
+from pissa.files.formats.quantized import pack_bits  # noqa: E402
+from pissa.jobs.init import run_init  # noqa: E402
+from pissa.files.loaders import open_model  # noqa: E402
+from pissa.adapters.spec import AdapterSpec, parse_targets  # noqa: E402
 from pissa_torch import PissaLinear, apply, load, merge  # noqa: E402
 from pissa_torch.api import pissa_layers  # noqa: E402
 from pissa_torch.ops import make_ops  # noqa: E402
@@ -131,7 +131,7 @@ def qtiny(tmp_path_factory):
 @pytest.mark.parametrize("name", [n for n, _ in SCHEMES])
 def test_load_builds_quantized_bases_with_the_written_weights(qtiny, name):
     model, spec = load(qtiny / name)
-    written = open_model(str(qtiny / name))  # pissa.formats.quantized's numpy dequantisation
+    written = open_model(str(qtiny / name))  # pissa.files.formats.quantized's numpy dequantisation
     layers = dict(pissa_layers(model))
     assert len(layers) == 14
     for module, layer in layers.items():
@@ -162,7 +162,7 @@ def test_merge_refuses_a_quantized_base_and_apply_refuses_to_decompose_one(qtiny
 def test_an_affine_folder_with_a_missing_tensor_lists_the_problem(qtiny, tmp_path):
     import shutil
 
-    from pissa.formats.safetensors import load as load_st, save as save_st
+    from pissa.files.formats.safetensors import load as load_st, save as save_st
 
     broken = tmp_path / "broken"
     shutil.copytree(qtiny / "int8", broken)

@@ -1,5 +1,5 @@
 """`pissa init --quantize` measures the step-0 KL of QPiSSA and QLoRA from the original model
-(pissa.stepzero); checked against transformers + PEFT on the nf4 folder, and against a QLoRA
+(pissa.studies.stepzero); checked against transformers + PEFT on the nf4 folder, and against a QLoRA
 model quantised by bitsandbytes itself."""
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def test_step0_kl_against_peft_and_bitsandbytes(tiny_chat_base, tmp_path, capsys
         if hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False
     # float32 forwards summed in float64 on both sides (and bitsandbytes' nf4 is bit-identical to
-    # pissa.quant's): agreement to rounding.
+    # pissa.numeric.quant's): agreement to rounding.
     assert kl["qlora"] == pytest.approx(kl_per_token(qlora, original, texts), rel=1e-3)
     assert kl["qpissa"] == pytest.approx(kl_per_token(qpissa, original, texts), rel=1e-3)
 

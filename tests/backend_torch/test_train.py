@@ -11,8 +11,8 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from pissa.cli import main  # noqa: E402
-from pissa.formats.peft import load_adapter  # noqa: E402
-from pissa.formats.safetensors import load  # noqa: E402
+from pissa.files.formats.peft import load_adapter  # noqa: E402
+from pissa.files.formats.safetensors import load  # noqa: E402
 from tests.conftest import DATA, interrupt_at, rel_max_diff  # noqa: E402
 
 FAST = ["--batch-size", "2", "--max-seq-len", "128", "--no-progress", "--backend", "torch"]
@@ -124,9 +124,9 @@ def test_non_empty_run_folder_needs_resume_or_force(tiny_chat, tmp_path, capsys)
 
 
 def test_convert_refuses_an_adapter_from_another_init(run, tiny_chat, tmp_path, capsys, smollm2_tokenizer_dir):
-    from pissa.init import run_init
-    from pissa.loaders.hf import HFSource
-    from pissa.spec import AdapterSpec
+    from pissa.jobs.init import run_init
+    from pissa.files.loaders.hf import HFSource
+    from pissa.adapters.spec import AdapterSpec
 
     other = tmp_path / "other"
     run_init(str(HFSource(tiny_chat).path), other, AdapterSpec(rank=4, init="pissa-fast", seed=3), progress=False)

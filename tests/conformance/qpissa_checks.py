@@ -8,12 +8,12 @@ from pathlib import Path
 
 import numpy as np
 
-from pissa import quant
-from pissa.formats.peft import load_adapter
-from pissa.formats.safetensors import load as load_st
-from pissa.init import run_init
-from pissa.loaders import open_model
-from pissa.spec import AdapterSpec
+from pissa.numeric import quant
+from pissa.files.formats.peft import load_adapter
+from pissa.files.formats.safetensors import load as load_st
+from pissa.jobs.init import run_init
+from pissa.files.loaders import open_model
+from pissa.adapters.spec import AdapterSpec
 from tests.conformance import tolerances as tol
 
 

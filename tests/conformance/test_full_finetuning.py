@@ -1,4 +1,4 @@
-"""Full fine-tuning (pissa init --init full; pissa.kinds.full): one step equals a plain torch AdamW
+"""Full fine-tuning (pissa init --init full; pissa.adapters.kinds.full): one step equals a plain torch AdamW
 loop written here, the MLX step equals the torch step, and RUN_DIR/model loads in transformers and
 mlx_lm with the trained model's logits."""
 
@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from pissa.cli import main
-from pissa.formats.peft import load_adapter
-from pissa.loaders import open_model
+from pissa.files.formats.peft import load_adapter
+from pissa.files.loaders import open_model
 from tests.conftest import DATA, PROMPT_IDS, rel_max_diff
 
 torch = pytest.importorskip("torch")
@@ -21,12 +21,12 @@ TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 @pytest.fixture(scope="module")
 def tiny_full(tiny_chat_base):
-    from pissa.init import run_init
-    from pissa.spec import AdapterSpec
+    from pissa.jobs.init import run_init
+    from pissa.adapters.spec import AdapterSpec
 
     out = tiny_chat_base.parent / "full"
     if not out.exists():
-        run_init(str(tiny_chat_base), out, AdapterSpec(init="full"), progress=False)
+        run_init(str(tiny_chat_base), out, AdapterSpec(kind="full"), progress=False)
     return out
 
 
@@ -48,7 +48,7 @@ def plain_torch_step(model_dir) -> dict[str, np.ndarray]:
     no weight decay) on the target linear weights only."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from pissa.data import batch_indices, collate, load_dataset, pad_id
+    from pissa.training.data import batch_indices, collate, load_dataset, pad_id
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     data = load_dataset(DATA / "train.jsonl", tokenizer, 128)

@@ -11,12 +11,12 @@ import json
 import numpy as np
 import pytest
 
-from pissa.decompose import decompose
-from pissa.formats.peft import load_adapter
-from pissa.formats.safetensors import SafetensorsFile
-from pissa.init import ADAPTER_DIR, run_init
-from pissa.ops import NumpyOps, get_ops
-from pissa.spec import AdapterSpec
+from pissa.adapters.inits import decompose
+from pissa.files.formats.peft import load_adapter
+from pissa.files.formats.safetensors import SafetensorsFile
+from pissa.jobs.init import ADAPTER_DIR, run_init
+from pissa.numeric.ops import NumpyOps, get_ops
+from pissa.adapters.spec import AdapterSpec
 from tests.conformance import tolerances as tol
 from tests.conftest import BACKENDS
 

@@ -1,4 +1,4 @@
-"""MoRA conformance: for the same M, numpy's dense dW (pissa.kinds.mora.delta, the oracle), the
+"""MoRA conformance: for the same M, numpy's dense dW (pissa.adapters.kinds.mora.delta, the oracle), the
 torch forward and the MLX forward agree; one training step from the same batch gives the same M
 on both backends, and the trained model gives the logits of its merged weights."""
 
@@ -7,9 +7,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pissa.formats.peft import load_adapter
-from pissa.kinds import mora
-from pissa.spec import AdapterSpec
+from pissa.files.formats.peft import load_adapter
+from pissa.adapters.kinds import mora
+from pissa.adapters.spec import AdapterSpec
 from tests.conformance import tolerances as tol
 from tests.conftest import BACKENDS, PROMPT_IDS, rel_max_diff
 
@@ -59,7 +59,7 @@ def float32_bound(spec: AdapterSpec, M: np.ndarray, shape: tuple[int, int]) -> n
     L = mora.padded_length(n_in, n)
     P = mora.wrap_matrix(L, n_in)
     absM = np.abs(M)
-    if spec.mora_type == "sharing":
+    if spec.option("mora_type") == "sharing":
         k = L // n + n + 2
         bound = mora.wrap_matrix(n_out, n) @ absM @ mora.wrap_matrix(L, n).T @ P
     else:
@@ -77,7 +77,7 @@ def float32_bound(spec: AdapterSpec, M: np.ndarray, shape: tuple[int, int]) -> n
 @pytest.mark.parametrize("kind", ["sharing", "rotation"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
 def test_forward_equals_the_dense_update(backend, kind, shape):
-    spec = AdapterSpec(rank=8, init="mora", mora_type=kind)
+    spec = AdapterSpec(rank=8, kind="mora", options={"mora_type": kind})
     n = mora.shapes(spec, shape)[0][0]
     M = np.random.default_rng(shape[0] * 7 + shape[1]).standard_normal((n, n))
     want = mora.delta(spec, (M,), shape)
@@ -128,7 +128,7 @@ def test_the_trained_model_gives_the_logits_of_its_merged_weights(kind, one_step
 
     import pissa_mlx
     import pissa_torch
-    from pissa.merge import run_merge
+    from pissa.jobs.merge import run_merge
 
     adapter = one_step_runs[kind, "torch"] / "adapter"
     run_merge(str(tiny_mora[kind]), adapter, tmp_path / "merged", progress=False)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from pissa.cli import main
-from pissa.formats.peft import load_adapter
+from pissa.files.formats.peft import load_adapter
 from tests.conftest import BACKENDS, DATA, PROMPT_IDS, interrupt_at, rel_max_diff
 
 TRAINING = [b for b in BACKENDS if b != "numpy"]
@@ -41,7 +41,7 @@ def test_run_folder_and_learning(backend, runs):
         losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
         assert len(losses) == 4 and losses[-1] < losses[0], (kind, losses)
         trained = load_adapter(run / "adapter")
-        assert trained.spec.kind == "mora" and trained.spec.mora_type == kind and "shapes" in trained.info
+        assert trained.spec.kind == "mora" and trained.spec.option("mora_type") == kind and "shapes" in trained.info
         assert all(np.abs(M).max() > 0 for (M,) in trained.factors.values())
         assert (run / "lora").exists() == (kind == "sharing")
 

@@ -13,7 +13,7 @@ pytest.importorskip("torch")
 pytest.importorskip("bitsandbytes")
 pytest.importorskip("mlx.core")
 
-from pissa.spec import AdapterSpec, parse_targets  # noqa: E402
+from pissa.adapters.spec import AdapterSpec, parse_targets  # noqa: E402
 from tests.conformance.qpissa_checks import assert_same_init, init_each  # noqa: E402
 from tests.conftest import write_tiny_llama  # noqa: E402
 

@@ -1,0 +1,115 @@
+"""mlx-lm adapter folders: adapter_config.json + adapters.safetensors (numpy only, no mlx import).
+
+What mlx-lm 0.32 reads (mlx_lm/tuner/utils.py load_adapters and linear_to_lora_layers,
+mlx_lm/tuner/lora.py LoRALinear):
+- adapter_config.json: fine_tune_type "lora", num_layers, and lora_parameters {rank, scale,
+  dropout, keys}. The last num_layers transformer blocks (model.layers[-num_layers:]; -1 means
+  all) get a LoRALinear at every module path in `keys`, relative to a block ("self_attn.q_proj");
+  a key can also be a full path outside the blocks ("lm_head").
+- adapters.safetensors: "<module path>.lora_a" [in, r] and "<module path>.lora_b" [r, out],
+  the transposes of PEFT's lora_A [r, in] and lora_B [out, r]; LoRALinear computes
+  y = x W^T + scale * (x @ lora_a) @ lora_b, so `scale` is PEFT's alpha / r (or alpha / sqrt(r)).
+
+We always write num_layers -1: a block whose module carries no weights in the file keeps the
+LoRALinear's lora_b at zeros, so it adds exactly nothing, and an adapter on some blocks only
+(e.g. a regex over layer indices) still lands on the right ones.
+
+PEFT and mlx-lm both name their config adapter_config.json. `pissa convert --format mlx-lm` writes
+both formats into one folder, so the mlx-lm fields are added to PEFT's config there: mlx-lm ignores
+PEFT's keys, PEFT ignores (with a warning) mlx-lm's, and pissa.files.formats.peft skips them.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+
+from pissa.errors import PissaError
+from pissa.files.formats import safetensors
+from pissa.adapters.adapter import Adapter
+from pissa.files.layouts import mlx_lm_path
+from pissa.adapters.spec import AdapterSpec, dumps
+
+CONFIG = "adapter_config.json"
+WEIGHTS = "adapters.safetensors"
+_BLOCK = re.compile(r"^(?:.*\.)?(?:layers|h)\.(\d+)\.(.+)$")  # model.layers (Llama), model.h (GPT-2)
+
+
+def _key(module: str) -> str:
+    """The module path relative to its transformer block, or the full path outside the blocks."""
+    m = _BLOCK.match(module)
+    return m.group(2) if m else module
+
+
+def save_mlx_adapter(folder: str | Path, adapter: Adapter) -> None:
+    """Write `adapter` (a plain LoRA, e.g. the rank-2r result of pissa convert) as mlx-lm files
+    into `folder` (which must exist), for `mlx_lm.load(BASE, adapter_path=folder)` or
+    `mlx_lm.generate --model BASE --adapter-path folder` on the ORIGINAL base model.
+
+    Module paths are turned into mlx-lm's: the same for Llama-family models; for GPT-2, whose
+    adapters record model_type, "transformer.h.N" becomes mlx-lm's "model.h.N" (pissa.files.layouts).
+    An adapter_config.json already in `folder` (PEFT's) gets mlx-lm's fields added, not replaced.
+
+    Raises:
+        PissaError: when the adapter is empty.
+    """
+    folder = Path(folder)
+    if not adapter.factors:
+        raise PissaError("the adapter has no modules; nothing to export for mlx-lm")
+    tensors: dict[str, np.ndarray] = {}
+    model_type = adapter.info.get("model_type")
+    for module, (A, B) in adapter.factors.items():
+        module = mlx_lm_path(model_type, module)
+        tensors[f"{module}.lora_a"] = np.ascontiguousarray(A.T)   # PEFT A [r, in]  -> lora_a [in, r]
+        tensors[f"{module}.lora_b"] = np.ascontiguousarray(B.T)   # PEFT B [out, r] -> lora_b [r, out]
+    safetensors.save(folder / WEIGHTS, tensors, metadata={"format": "mlx"})
+    spec = adapter.spec
+    cfg: dict = {
+        "fine_tune_type": "lora",
+        "num_layers": -1,
+        "lora_parameters": {
+            "rank": spec.rank,
+            "scale": spec.scale,
+            "dropout": 0.0,
+            "keys": sorted({_key(m) for m in adapter.factors}),
+        },
+    }
+    existing = folder / CONFIG
+    if existing.is_file():  # a PEFT config of the same adapter: keep it, add mlx-lm's fields
+        cfg = {**json.loads(existing.read_text()), **cfg}
+    existing.write_text(dumps(cfg))
+
+
+def load_mlx_adapter(folder: str | Path) -> Adapter:
+    """Read an mlx-lm LoRA folder back into pissa's orientation (A [r, in], B [out, r]).
+
+    The spec gets rank, alpha = scale * rank and the module names as targets.
+
+    Raises:
+        PissaError: a missing file, a fine_tune_type other than "lora", or a module with only
+            one of lora_a / lora_b.
+    """
+    folder = Path(folder)
+    if not (folder / CONFIG).is_file() or not (folder / WEIGHTS).is_file():
+        raise PissaError(f"{folder} is not an mlx-lm adapter folder (needs {CONFIG} and {WEIGHTS})")
+    cfg = json.loads((folder / CONFIG).read_text())
+    if cfg.get("fine_tune_type", "lora") != "lora":
+        raise PissaError(f"{folder}: fine_tune_type {cfg.get('fine_tune_type')!r}; pissa reads LoRA adapters only")
+    params = cfg["lora_parameters"]
+    f = safetensors.SafetensorsFile(folder / WEIGHTS)
+    parts: dict[str, dict[str, np.ndarray]] = {}
+    for name in f.keys():
+        module, _, leaf = name.rpartition(".")
+        if leaf in ("lora_a", "lora_b"):
+            parts.setdefault(module, {})[leaf] = np.array(f.get(name))
+    broken = [m for m, d in parts.items() if len(d) != 2]
+    if broken:
+        raise PissaError(f"{folder}: modules with only one of lora_a / lora_b: {', '.join(sorted(broken))}")
+    factors = {m: (np.ascontiguousarray(d["lora_a"].T), np.ascontiguousarray(d["lora_b"].T))
+               for m, d in parts.items()}
+    rank = int(params["rank"])
+    spec = AdapterSpec(rank=rank, alpha=float(params["scale"]) * rank, targets=tuple(sorted(factors)), init="lora")
+    return Adapter(spec, factors, base_model=cfg.get("base_model_name_or_path"), info={"role": "lora"})

@@ -1,0 +1,258 @@
+"""The training run both backends share, minus the framework: set-up (tokenizer, data, run folder,
+resume), the step loop (schedule, micro-batches, NaN and Ctrl-C handling, eval and checkpoint
+cadence, metrics, progress bar) and the final outputs (adapter, its plain LoRA, loss.png, summary).
+
+A backend's train() (pissa_torch.train, pissa_mlx.train) builds its model and optimizer from a
+Run and hands run_loop() a Steps object: the five things only a framework can do.
+
+Under a launcher (torchrun, mlx.launch; pissa.dist) every rank runs this same loop. Each draws the
+same global micro-batch and takes every size-th row of it; the loss is normalised by the global
+batch's label tokens, so the gradients summed over ranks are exactly the one-process gradients
+(up to float summation order). Loss sums, eval sums and failure flags are summed over the
+ranks; tokens/s counts the global batch. Only rank 0 writes the run folder; every rank reads
+the checkpoint it resumes from, so --out must be on a filesystem all ranks see.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from pissa import dist
+from pissa.training.data import IGNORE, Dataset, Example, batch_indices, collate, load_dataset, load_tokenizer, pad_id
+from pissa.errors import PissaError
+from pissa.files.formats import peft as peft_format
+from pissa.adapters.adapter import Adapter
+from pissa.adapters.adapter import BASE_MODEL_INFO, init_fingerprint
+from pissa.training.run import CHECKPOINTS, RunDir, TrainConfig, initial_adapter, lr_at, save_config
+
+# pissa_config.json fields of the init that every adapter of the run carries on.
+_INHERITED = ("shapes", *BASE_MODEL_INFO)
+
+
+@dataclass
+class Run:
+    """Everything a backend needs to build its model and optimizer for one `pissa train`."""
+
+    cfg: TrainConfig
+    model_dir: Path
+    folder: RunDir
+    tokenizer: Any
+    train_set: Dataset
+    eval_set: Dataset | None
+    pad: int
+    start: Adapter            # the adapter to load: the init's, --adapter's, or the checkpoint's
+    init: Adapter             # the pissa_init it descends from (conversion needs it)
+    step: int                 # 0, or the checkpoint's step with --resume
+    checkpoint: Path | None   # the checkpoint resumed from (its optimizer state is the backend's)
+    info: dict                # pissa_config.json fields of every adapter this run writes
+    group: Any = dist.Solo()  # the ranks training together (pissa.dist)
+
+    @property
+    def spec(self):
+        return self.start.spec
+
+
+def prepare(model_dir: str | Path, data: str | Path, out: str | Path, cfg: TrainConfig, *, backend: str,
+            eval_data: str | Path | None = None, adapter: str | Path | None = None, resume: bool = False,
+            force: bool = False, config: dict | None = None, group: dist.Group | None = None) -> Run:
+    """Read and check everything a run needs before any framework work: the init folder, the
+    adapter to start from, the data (tokenised with the model's own tokenizer), and the run folder
+    (with --resume, its last checkpoint). Writes RUN_DIR/config.json.
+
+    Under a launcher every rank reads the model and data; rank 0 alone makes the run folder (and
+    chooses the checkpoint), and the others then read that checkpoint.
+
+    Raises:
+        PissaError: a model folder without pissa_init, an adapter of another init, bad data, a
+            run folder that is not empty (without --resume / --force) or has no checkpoint to
+            resume, or a global batch smaller than the number of ranks.
+    """
+    group = group or dist.current()
+    if cfg.batch_size < group.size:
+        raise PissaError(f"--batch-size {cfg.batch_size} is the global batch, split over {group.size} ranks; "
+                         f"give at least {group.size}")
+    model_dir = Path(model_dir)
+    start, init = initial_adapter(model_dir, adapter)
+    tokenizer = load_tokenizer(model_dir)
+    train_set = load_dataset(data, tokenizer, cfg.max_seq_len)
+    eval_set = load_dataset(eval_data, tokenizer, cfg.max_seq_len) if eval_data else None
+    for ds in filter(None, (train_set, eval_set)):
+        if ds.truncated and group.rank == 0:
+            print(f"pissa train: {ds.truncated} of {len(ds.examples)} records in {ds.path} were cut to "
+                  f"--max-seq-len {cfg.max_seq_len}", file=sys.stderr)
+    record = {"backend": backend, "model_dir": str(model_dir.absolute()), "data": str(data),
+              "spec": start.spec.to_dict(), **(config or {})}
+    if group.size > 1:
+        record["ranks"] = group.size
+
+    def make_folder() -> tuple[RunDir, int]:
+        folder = RunDir(out, resume=resume, force=force)
+        checkpoint = folder.latest() if resume else None
+        step = int(json.loads((checkpoint / "state.json").read_text())["step"]) if checkpoint else -1
+        if checkpoint is not None:
+            folder.truncate_metrics(step)
+        save_config(folder, cfg, record)
+        return folder, step
+
+    made = dist.agree(group, make_folder, what="setting up the run folder", on=(0,))
+    # Every rank resumes from the checkpoint rank 0 chose (-1: none), found by its step.
+    with group.guard("setting up the run folder"):
+        step = int(group.all_sum([made[1] if made else 0])[0])
+    folder = made[0] if made else RunDir.view(out)
+    checkpoint = folder.path / CHECKPOINTS / f"step-{step:06d}" if step >= 0 else None
+
+    def read_checkpoint() -> Adapter | None:
+        if checkpoint is not None and not (checkpoint / "state.json").is_file():
+            raise PissaError(f"rank {group.rank} cannot see {checkpoint}, which rank 0 resumes from; --out must be "
+                             "on a filesystem every rank sees")
+        return peft_format.load_adapter(checkpoint / "adapter") if checkpoint is not None else None
+
+    resumed = dist.agree(group, read_checkpoint, what="reading the checkpoint")
+    info = {"role": "trained", "init_fingerprint": init_fingerprint(init), "source": init.info.get("source"),
+            **{k: init.info[k] for k in _INHERITED if k in init.info}}
+    return Run(cfg, model_dir, folder, tokenizer, train_set, eval_set, pad_id(tokenizer), resumed or start, init,
+               max(step, 0), checkpoint, info, group)
+
+
+class Steps(Protocol):
+    """The framework half of a run (one model, one optimizer, one device)."""
+
+    def forward_backward(self, batch: dict[str, np.ndarray], weight: float) -> float:
+        """Add the gradient of weight * (sum of this micro-batch's token losses) to the accumulated
+        gradients, summed over the ranks (a backend whose reduction averages, as DDP's and
+        mlx.nn.average_gradients do, multiplies by the number of ranks first). batch: this rank's
+        rows of pissa.training.data.collate's arrays. Returns this rank's sum of token losses."""
+
+    def update(self, lr: float) -> None:
+        """Clip the accumulated gradients, take one optimizer step at `lr`, clear the gradients."""
+
+    def eval_loss(self, data: Dataset) -> float:
+        """Mean token loss over a dataset, in eval mode (and back to train mode after)."""
+
+    def adapter(self) -> Adapter:
+        """The model's adapter now, in the spec's storage dtype, with the run's info. Called on
+        every rank (gathering a sharded adapter is a collective)."""
+
+    def save_state(self, folder: Path | None) -> None:
+        """Write the optimizer state, whole (the same file on any number of ranks), into a
+        checkpoint folder (read back on --resume). Called on every rank; folder is None on the
+        ranks that do not write."""
+
+
+def run_loop(run: Run, steps: Steps, *, desc: str, progress: bool = True) -> dict:
+    """Train from run.step to run.cfg.steps, then write RUN_DIR/adapter, RUN_DIR/lora (when the
+    adapter kind has an exact LoRA form) and loss.png; for full fine-tuning RUN_DIR/model.
+
+    Ctrl-C saves a checkpoint and re-raises KeyboardInterrupt (under a launcher, rank 0 saves its
+    replica; a sharded model, whose state only all ranks together hold, keeps the last
+    checkpoint). Both backends draw the same micro-batches in the same order
+    (pissa.training.data.batch_indices), so runs are comparable.
+
+    Returns:
+        A summary dict (steps, final loss, eval loss, tokens/s, seconds, run folder).
+
+    Raises:
+        PissaError: when the loss becomes NaN or infinite (the last good checkpoint is kept).
+        LostContact: when another rank dies or stops answering (pissa.dist).
+    """
+    cfg, folder, data, group = run.cfg, run.folder, run.train_set.examples, run.group
+    writes = group.rank == 0
+    step = run.step
+
+    def save(at: int, adapter: Adapter | None = None) -> Path:
+        adapter = adapter or steps.adapter()  # every rank: gathering a sharded adapter is a collective
+        if writes:
+            return folder.save_checkpoint(at, adapter, steps.save_state, {"backend": desc})
+        steps.save_state(None)
+        return folder.path / CHECKPOINTS / f"step-{at:06d}"
+
+    bar = tqdm(total=cfg.steps, initial=step, desc=f"pissa train ({desc})", disable=not (progress and writes),
+               file=sys.stderr)
+    tokens_seen, t0, loss_value, last_eval = 0, time.perf_counter(), float("nan"), None
+    try:
+        while step < cfg.steps:
+            lr = lr_at(step, cfg)
+            sums, counts = np.zeros(cfg.grad_accum), np.zeros(cfg.grad_accum)
+            with group.guard(f"step {step + 1}"):
+                for micro in range(cfg.grad_accum):
+                    idx = batch_indices(len(data), cfg.batch_size, cfg.seed, step * cfg.grad_accum + micro)
+                    batch = collate([data[i] for i in idx], run.pad)  # the global batch; ours is every size-th row
+                    counts[micro] = int((batch["labels"][:, 1:] != IGNORE).sum())
+                    mine = {k: np.ascontiguousarray(v[group.rank::group.size]) for k, v in batch.items()}
+                    sums[micro] = steps.forward_backward(mine, 1.0 / (cfg.grad_accum * counts[micro]))
+                    tokens_seen += int(batch["attention_mask"].sum())
+                loss_value = float(np.mean(group.all_sum(sums) / counts))
+                if not math.isfinite(loss_value):
+                    kept = folder.latest()
+                    raise PissaError(f"the loss became {loss_value} at step {step + 1}; stopped. Last good checkpoint: "
+                                     f"{kept if kept else 'none (use --save-every)'}; lower --lr and --resume or "
+                                     "restart")
+                steps.update(lr)
+            step += 1
+            elapsed = time.perf_counter() - t0
+            if writes:
+                folder.log({"step": step, "loss": loss_value, "lr": lr, "tokens_per_s": tokens_seen / elapsed})
+            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_seen / elapsed:,.0f}")
+            bar.update(1)
+            if run.eval_set and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+                last_eval = evaluate(run, steps)
+                if writes:
+                    folder.log({"step": step, "eval_loss": last_eval})
+            if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
+                with group.guard(f"saving step {step}"):
+                    save(step)
+    except KeyboardInterrupt:
+        bar.close()
+        if group.size == 1 or (writes and not getattr(steps, "sharded", False)):
+            saved = save(step)
+            print(f"pissa train: interrupted; saved {saved} (step {step}); continue with --resume", file=sys.stderr)
+        elif writes:
+            print(f"pissa train: interrupted; the last checkpoint is {folder.latest()}; continue with --resume",
+                  file=sys.stderr)
+        raise
+    bar.close()
+
+    if run.eval_set:
+        last_eval = evaluate(run, steps)
+        if writes:
+            folder.log({"step": step, "eval_loss": last_eval})
+    with group.guard("saving the final adapter"):
+        final = steps.adapter()
+        save(step, final)
+
+    def finish() -> None:
+        folder.finish(final, run.init, run.model_dir)
+        folder.plot()
+
+    dist.agree(group, finish, what="writing the run folder", on=(0,))
+    elapsed = time.perf_counter() - t0
+    return {"steps": step, "loss": loss_value, "eval_loss": last_eval, "tokens_per_s": tokens_seen / max(elapsed, 1e-9),
+            "seconds": elapsed, "out": str(folder.path)}
+
+
+def evaluate(run: Run, steps: Steps) -> float:
+    """The eval loss over run.eval_set. Under a launcher each rank takes every size-th record,
+    padded with unlabelled copies so that every rank runs as many batches (a sharded forward is
+    a collective), and the token-weighted sums are added over the ranks."""
+    group = run.group
+    if group.size == 1:
+        return steps.eval_loss(run.eval_set)
+    examples = run.eval_set.examples
+    mine = examples[group.rank::group.size]
+    filler = Example(examples[0].input_ids, [IGNORE] * len(examples[0].input_ids))
+    mine = mine + [filler] * (-(-len(examples) // group.size) - len(mine))
+    tokens = sum(sum(label != IGNORE for label in e.labels[1:]) for e in mine)
+    with group.guard("eval", timed=False):  # a long eval is no lost rank (a sharded one gathers inside)
+        mean = steps.eval_loss(Dataset(mine, 0, run.eval_set.path))  # 0 when it holds only filler
+    with group.guard("eval"):
+        total, count = group.all_sum([mean * tokens, tokens])
+    return float(total / max(count, 1))

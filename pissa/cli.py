@@ -122,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--max-grad-norm", type=_number, default=1.0, help="gradient clipping (default 1.0)")
     t.add_argument("--max-seq-len", type=_positive_int, default=256, help="tokens per sequence (default 256)")
     t.add_argument("--seed", type=_non_negative_int, default=0, help="seed of the data order and dropout (default 0)")
+    t.add_argument("--dropout", type=_number, default=None,
+                   help="dropout on the adapter's input in training, PEFT's lora_dropout (default: the adapter's, 0 "
+                        "for pissa init's)")
     t.add_argument("--eval-every", type=_non_negative_int, default=0, help="eval every N steps (default: at the end)")
     t.add_argument("--save-every", type=_non_negative_int, default=0,
                    help="checkpoint every N steps (default: at the end)")
@@ -284,6 +287,7 @@ def _training_backend(name: str) -> str:
 def _cmd_train(args: argparse.Namespace) -> int:
     from pissa.files.loaders import init_folder
     from pissa.training.run import TrainConfig
+    from pissa.training.train import train
 
     backend = _training_backend(args.backend)
     model_dir = init_folder(args.model_dir)  # a Hub id only when its model holds pissa_init/
@@ -292,13 +296,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
                       max_grad_norm=args.max_grad_norm, max_seq_len=args.max_seq_len, seed=args.seed,
                       eval_every=args.eval_every, save_every=args.save_every, precision=args.precision,
                       grad_checkpointing=args.grad_checkpointing)
-    train = __import__(f"pissa_{backend}.train", fromlist=["train"]).train
-    kwargs = {"device": args.device}
-    if backend == "mlx" and args.device not in (None, "gpu", "cpu"):
-        raise PissaError(f"--device {args.device} is not an MLX device; use gpu or cpu")
     group = dist.current(args.dist_timeout)
-    s = train(model_dir, args.data, args.out, cfg, eval_data=args.eval_data, adapter=args.adapter,
-              resume=args.resume, force=args.force, progress=not args.no_progress, shard=args.shard, **kwargs)
+    s = train(backend, model_dir, args.data, args.out, cfg, eval_data=args.eval_data, adapter=args.adapter,
+              device=args.device, resume=args.resume, force=args.force, progress=not args.no_progress,
+              shard=args.shard, dropout=args.dropout)
     if group.rank != 0:
         return 0
     ev = f", eval loss {s['eval_loss']:.4f}" if s["eval_loss"] is not None else ""
@@ -339,11 +340,11 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     import json
 
-    backend = _training_backend(args.backend)
-    evaluate = __import__(f"pissa_{backend}.evaluate", fromlist=["evaluate"]).evaluate
-    kwargs = {"device": args.device}
-    r = evaluate(args.model_dir, args.data, adapter=args.adapter, batch_size=args.batch_size,
-                 max_new_tokens=args.max_new_tokens, limit=args.limit, progress=not args.no_progress, **kwargs)
+    from pissa.studies.evaluate import evaluate
+
+    r = evaluate(_training_backend(args.backend), args.model_dir, args.data, adapter=args.adapter,
+                 device=args.device, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                 limit=args.limit, progress=not args.no_progress)
     print(f"pissa eval: exact match {r['accuracy']:.1%} ({round(r['accuracy'] * r['n'])}/{r['n']}), "
           f"loss {r['loss']:.4f}")
     for ex in r["examples"]:
@@ -353,10 +354,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    backend = _training_backend(args.backend)
-    answer = __import__(f"pissa_{backend}.evaluate", fromlist=["answer"]).answer
-    kwargs = {"device": args.device}
-    print(answer(args.model_dir, args.prompt, adapter=args.adapter, max_new_tokens=args.max_new_tokens, **kwargs))
+    from pissa.studies.evaluate import answer
+
+    print(answer(_training_backend(args.backend), args.model_dir, args.prompt, adapter=args.adapter,
+                 device=args.device, max_new_tokens=args.max_new_tokens))
     return 0
 
 

@@ -55,26 +55,12 @@ def char_accuracy(answer: str, target: str) -> float:
 
 def answers(backend: str, model_dir: Path, adapter: Path, prompts: list[str], batch: int) -> list[str]:
     """Greedy completions, batched, with the backend's own `pissa eval` decoding."""
-    from transformers import AutoTokenizer
+    from pissa.studies.evaluate import Session
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    session = Session(backend, model_dir, adapter, "cpu")
     out = []
-    if backend == "torch":
-        import torch
-
-        from pissa_torch.evaluate import generate, load_for_inference
-
-        dev = torch.device("cpu")
-        model = load_for_inference(model_dir, adapter, dev)
-        for i in range(0, len(prompts), batch):
-            out += generate(model, tokenizer, prompts[i:i + batch], 40, dev)
-    else:
-        from pissa_mlx.evaluate import generate, load_for_inference, stop_ids
-
-        model = load_for_inference(model_dir, adapter)
-        stops = stop_ids(model_dir, tokenizer)
-        for i in range(0, len(prompts), batch):
-            out += generate(model, tokenizer, prompts[i:i + batch], 40, stops)
+    for i in range(0, len(prompts), batch):
+        out += session.generate(prompts[i:i + batch], 40)
     return out
 
 

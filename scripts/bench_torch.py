@@ -155,14 +155,14 @@ def quality(init: str, lr: float, steps: int, device: str, work: str) -> dict:
     from pissa.jobs.init import run_init
     from pissa.adapters.spec import AdapterSpec
     from pissa.training.run import TrainConfig
-    from pissa_torch.train import train
+    from pissa.training.train import train
 
     model_dir = Path(work) / f"init-{init}"
     if not model_dir.exists():
         run_init("smollm2-135m", model_dir, AdapterSpec(rank=16, init=init, compute_dtype="float32"),
                  backend="torch", device=device, progress=False)
     cfg = TrainConfig(steps=steps, batch_size=4, lr=lr, max_seq_len=128, seed=0)
-    s = train(model_dir, DATA / "train.jsonl", Path(work) / f"run-{init}-{lr}", cfg, eval_data=DATA / "eval.jsonl",
+    s = train("torch", model_dir, DATA / "train.jsonl", Path(work) / f"run-{init}-{lr}", cfg, eval_data=DATA / "eval.jsonl",
               device=device, force=True, progress=False)
     return {"eval_loss": s["eval_loss"], "train_loss": s["loss"]}
 

@@ -177,25 +177,22 @@ def main() -> int:
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent.parent / "pissa/studies/resources/probe.jsonl"))
     args = p.parse_args()
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from pissa.studies import forgetting
     from pissa.jobs.init import run_init
     from pissa.adapters.spec import AdapterSpec
-    from pissa_torch.measure import token_stats
+    from pissa.studies.evaluate import Session
 
     items = candidates()
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(tmp) / "base"
         run_init(args.model, base, AdapterSpec(init="full"), progress=False)   # the model as a plain folder
-        tokenizer = AutoTokenizer.from_pretrained(base)
-        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+        session = Session("torch", base, device="cpu")
+        tokenizer = session.tokenizer
         examples = forgetting.probe_examples(tokenizer, items)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         sums, counts = [], []
         for batch in forgetting.batches(examples, 32, pad):
-            nll, _, count = token_stats(model, batch)
+            nll, _, count = session.token_stats(batch)
             sums += list(-nll)
             counts += list(count)
     scores = forgetting.option_scores(items, np.array(sums), np.array(counts))

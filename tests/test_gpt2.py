@@ -196,7 +196,7 @@ def test_torch_apply_merge_and_fuse_on_conv1d(gpt2, inits):
     and fuse gives back a Conv1D."""
     from pissa.adapters.spec import AdapterSpec
     from pissa_torch import adapter_state_dict, apply, merge, unmerge
-    from pissa_torch.api import pissa_layers
+    from pissa_torch.backend import adapter_layers as pissa_layers
     from transformers.pytorch_utils import Conv1D
 
     model = AutoModelForCausalLM.from_pretrained(gpt2["saved"], dtype=torch.float32).eval()

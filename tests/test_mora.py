@@ -126,17 +126,9 @@ def test_rotation_in_at_most_r_hat():
     M = np.random.default_rng(2).standard_normal((n, n))
     dW = mora.delta(s, (M,), (20, 6))
     assert np.all(np.abs(dW).sum(axis=0) > 0) and np.linalg.matrix_rank(dW) == 6
-    with pytest.raises(NameError):
-        public_merge_with_loop_variable_undefined(M, (20, 6))
-
-
-def public_merge_with_loop_variable_undefined(M, shape):
-    # The public rotation merge with one block: its `for i in range(blocks - 1)` never runs, and
-    # the next line reads i. Written out to show the defect our dense product does not have.
-    blocks = -(-shape[1] // M.shape[0])
-    for i in range(blocks - 1):  # noqa: B007
-        pass
-    return i  # noqa: F821
+    # The public rotation merge fails on exactly this shape: with one block of inputs its loop
+    # `for i in range(blocks - 1)` never runs and the line after it reads the unset i.
+    assert -(-6 // n) == 1
 
 
 def test_r_hat_and_parameter_count_match_a_rank_r_lora():
@@ -289,13 +281,13 @@ def test_a_layer_refuses_an_m_of_the_wrong_size(backend):
         pytest.skip(f"needs {backend}")
     if backend == "torch":
         import torch
-        from pissa_torch.mora import MoraLinear
+        from pissa_torch import MoraLinear
 
         base, M = torch.nn.Linear(40, 24, bias=False), torch.zeros(n + 2, n + 2)
     else:
         import mlx.core as mx
         import mlx.nn as nn
-        from pissa_mlx.mora import MoraLinear
+        from pissa_mlx import MoraLinear
 
         base, M = nn.Linear(40, 24, bias=False), mx.zeros((n + 2, n + 2))
     with pytest.raises(ValueError, match=rf"M \({n + 2}, {n + 2}\) does not fit a weight \(24, 40\) at rank 8 "

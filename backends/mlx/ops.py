@@ -120,6 +120,26 @@ class MlxOps:
         mx.eval(s)
         return s
 
+    def log_softmax(self, x: mx.array) -> mx.array:
+        return x - mx.logsumexp(x, axis=-1, keepdims=True)
+
+    exp, expm1, log1p = staticmethod(mx.exp), staticmethod(mx.expm1), staticmethod(mx.log1p)
+
+    def sum_last(self, x: mx.array, keepdims: bool = False) -> mx.array:
+        return x.sum(axis=-1, keepdims=keepdims)
+
+    def max_last(self, x: mx.array) -> mx.array:
+        return x.max(axis=-1)
+
+    def minimum(self, x: mx.array, bound: float) -> mx.array:
+        return mx.minimum(x, bound)
+
+    def where(self, condition, a, b):
+        return mx.where(condition, a, b)
+
+    def take_last(self, x: mx.array, index: np.ndarray) -> mx.array:
+        return mx.take_along_axis(x, mx.array(np.asarray(index, dtype=np.int32))[..., None], axis=-1)[..., 0]
+
 
 def make_ops(device: str | None = None) -> MlxOps:
     """MlxOps on `device`: "cpu", "gpu", or None for MLX's default device.

@@ -1,11 +1,13 @@
 """`pissa train --backend mlx`: the framework half of a run, top to bottom.
 
-The model (the init folder with its adapter), AdamW, the compiled micro-step and update, and the
-five framework steps pissa.training.loop asks for: a micro-batch's forward and backward, the clipped
+AdamW, the loss, the compiled micro-step and update, gradient checkpointing, and the five
+framework steps pissa.training.loop asks for: a micro-batch's forward and backward, the clipped
 optimizer step, the eval loss, the adapter now, and the optimizer state for checkpoints.
-Everything else (data, tokenisation, schedule, run folder, resume, NaN and Ctrl-C handling, eval
-and save cadence, the final adapter and LoRA) is pissa.training.loop's, shared with the torch backend, so
-both backends see the same batches in the same order and write the same run folder.
+Everything else (the launcher, device and precision, the model with its adapter, data,
+tokenisation, schedule, run folder, resume, NaN and Ctrl-C handling, eval and save cadence, the
+final adapter and LoRA) is the core's (pissa.training.train, pissa.training.loop), shared with
+the torch backend, so both backends see the same batches in the same order and write the same
+run folder.
 
 Under mlx.launch the run is data-parallel as in mlx-lm: every rank holds the model, runs its rows
 of each batch, and mlx.nn.average_gradients combines the gradients inside the compiled update.
@@ -16,51 +18,19 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
-import numpy as np
-from pissa_mlx.api import adapter_keys, adapter_of, apply, load_base, quantized_residuals
+from pissa_mlx import backend
 
 import mlx.core as mx
 import mlx.optimizers as optim
 from mlx import nn
-from mlx.utils import tree_flatten, tree_map, tree_unflatten
-from pissa import dist
-from pissa.training.data import IGNORE, Dataset, collate
+from mlx.utils import tree_flatten, tree_map
+from pissa.adapters.model import adapter_of
 from pissa.errors import PissaError
-from pissa.training.loop import prepare, run_loop
+from pissa.training.data import IGNORE
+from pissa.training.evaluation import eval_loss
 from pissa.training.run import TrainConfig, lr_at
 
 OPTIMIZER_FILE = "optimizer.safetensors"
-PAD_MULTIPLE = 32  # mx.compile traces once per input shape; rounding the width keeps shapes few
-
-
-def pick_device(device: str | None) -> mx.Device:
-    """MLX's device for this run; "cpu" or "gpu" also becomes MLX's default device."""
-    if device is None:
-        return mx.default_device()
-    if device not in ("cpu", "gpu"):
-        raise PissaError(f"--device {device} is not an MLX device; use gpu or cpu")
-    if device == "gpu" and not mx.metal.is_available():
-        raise PissaError("--device gpu asked for, but MLX sees no GPU (Metal) here; use --device cpu")
-    dev = mx.Device(mx.cpu if device == "cpu" else mx.gpu)
-    mx.set_default_device(dev)
-    return dev
-
-
-def resolve_precision(precision: str, device: mx.Device) -> tuple[mx.Dtype, str]:
-    """The dtype of the frozen weights: bf16 on the GPU, fp32 on the CPU (MLX has no BLAS for
-    bfloat16 there: a bf16 step was about 10x slower than fp32 here). The adapter stays float32."""
-    if precision == "auto":
-        precision = "bf16" if device.type == mx.gpu else "fp32"
-    return {"fp32": mx.float32, "bf16": mx.bfloat16, "fp16": mx.float16}[precision], precision
-
-
-def cast_frozen(model: nn.Module, dtype: mx.Dtype) -> None:
-    if dtype == mx.float32:
-        return
-    trainable = adapter_keys(model)
-    frozen = [(k, v.astype(dtype)) for k, v in tree_flatten(model.parameters())
-              if k not in trainable and mx.issubdtype(v.dtype, mx.floating)]
-    model.update(tree_unflatten(frozen))
 
 
 @mx.custom_function
@@ -110,32 +80,6 @@ def token_loss_sum(model: nn.Module, input_ids: mx.array, labels: mx.array) -> t
     mask = targets != IGNORE
     ce = cross_entropy(logits, mx.where(mask, targets, 0))[0] * mask
     return ce.sum(), mask.sum()
-
-
-def to_arrays(batch: dict[str, np.ndarray], pad: int, max_len: int) -> tuple[mx.array, mx.array, int]:
-    """(input_ids, labels, real tokens), right-padded to a multiple of PAD_MULTIPLE (at most
-    max(max_len, width)) so that mx.compile sees few distinct shapes. The extra pads change
-    nothing: they come after every real token and carry no label."""
-    width = batch["input_ids"].shape[1]
-    target = min(-(-width // PAD_MULTIPLE) * PAD_MULTIPLE, max(max_len, width))
-    extra = ((0, 0), (0, target - width))
-    ids = np.pad(batch["input_ids"], extra, constant_values=pad)
-    labels = np.pad(batch["labels"], extra, constant_values=IGNORE)
-    return mx.array(ids.astype(np.int32)), mx.array(labels.astype(np.int32)), int(batch["attention_mask"].sum())
-
-
-def eval_loss(model: nn.Module, data: Dataset, batch_size: int, pad: int, max_len: int) -> float:
-    """Mean token loss over `data` in eval mode; the model goes back to the mode it was in."""
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    for i in range(0, len(data.examples), batch_size):
-        ids, labels, _ = to_arrays(collate(data.examples[i:i + batch_size], pad), pad, max_len)
-        loss, n = token_loss_sum(model, ids, labels)
-        mx.eval(loss, n)
-        total, count = total + loss.item(), count + n.item()
-    model.train(was_training)
-    return total / max(count, 1)
 
 
 def compiled_steps(model: nn.Module, opt: optim.Optimizer, cfg: TrainConfig, group: mx.distributed.Group | None = None):
@@ -215,69 +159,45 @@ def _checkpointed(cls: type) -> type:
     return type(f"Checkpointed{cls.__name__}", (cls,), {"__call__": __call__})
 
 
-def train(model_dir: str | Path, data: str | Path, out: str | Path, cfg: TrainConfig, *,
-          eval_data: str | Path | None = None, adapter: str | Path | None = None, device: str | None = None,
-          resume: bool = False, force: bool = False, progress: bool = True, shard: bool = False) -> dict:
-    """Train the adapter of a `pissa init` folder (PiSSA, LoRA, QPiSSA or MoRA) with MLX. See
-    `pissa train --help`. Under mlx.launch, data-parallel over the ranks.
+class Trainer:
+    """pissa.training.loop.Steps for one mlx-lm model with its adapter layers: the compiled
+    micro-step and update around AdamW, data-parallel under mlx.launch."""
 
-    Returns:
-        A summary dict (steps, final loss, eval loss, tokens/s, seconds, run folder).
+    def __init__(self, run, model: nn.Module, dev: mx.Device, precision: str):
+        cfg = run.cfg
+        self.run, self.model, self.precision = run, model, precision
+        mx.random.seed(cfg.seed)  # the dropout masks
+        if cfg.grad_checkpointing:
+            checkpoint_blocks(model)
+        model.train()
+        self.opt = make_optimizer(cfg, run.step)
+        self.opt.init(model.trainable_parameters())
+        if run.checkpoint is not None:
+            restore(self.opt.state, mx.load(str(run.checkpoint / OPTIMIZER_FILE)), run.checkpoint)
+        self.micro_step, self.update_step = compiled_steps(model, self.opt, cfg, getattr(run.group, "group", None))
+        self.grads = None
 
-    Raises:
-        PissaError: bad data or options (before any step runs), or a loss that became NaN/inf
-            (after keeping the last good checkpoint); LostContact when a rank dies or hangs.
-    """
-    group = dist.current()
-    if group.launcher == "torchrun":
-        raise PissaError("started by torchrun: train with --backend torch there, or launch the MLX backend with "
-                         "mlx.launch")
-    if shard:
-        raise PissaError("--shard is for the torch backend (FSDP2); MLX trains data-parallel: drop --shard")
-    dev = pick_device(device)
-    compute_dtype, precision = resolve_precision(cfg.precision, dev)
-    run = prepare(model_dir, data, out, cfg, backend="mlx", eval_data=eval_data, adapter=adapter, resume=resume,
-                  force=force, group=group, config={"device": str(dev), "precision": precision})
+    def forward_backward(self, batch, weight):
+        ids, labels = backend.to_arrays(batch, self.run.pad, self.run.cfg.max_seq_len)
+        # average_gradients divides by the ranks; the loop wants their sum.
+        total, g = self.micro_step(ids, labels, mx.array(weight * self.run.group.size, dtype=mx.float32))
+        self.grads = g if self.grads is None else tree_map(mx.add, self.grads, g)
+        mx.eval(total, self.grads)
+        return total.item()
 
-    mx.random.seed(cfg.seed)
-    model = load_base(run.model_dir, mx.float32)
-    apply(model, run.spec, run.start, quantized_residuals=quantized_residuals(run.model_dir))
-    cast_frozen(model, compute_dtype)
-    if cfg.grad_checkpointing:
-        checkpoint_blocks(model)
-    model.train()
-    opt = make_optimizer(cfg, run.step)
-    opt.init(model.trainable_parameters())
-    if run.checkpoint is not None:
-        restore(opt.state, mx.load(str(run.checkpoint / OPTIMIZER_FILE)), run.checkpoint)
-    micro_step, update = compiled_steps(model, opt, cfg, getattr(group, "group", None))
+    def update(self, lr):
+        self.opt.learning_rate = lr
+        self.update_step(self.grads)
+        self.grads = None
+        mx.eval(self.model.trainable_parameters(), self.opt.state)
 
-    class Steps:
-        grads = None
+    def eval_loss(self, dataset):
+        return eval_loss(backend, self.model, dataset, self.run.cfg.batch_size, self.run.pad, self.precision)
 
-        def forward_backward(self, batch, weight):
-            ids, labels, _ = to_arrays(batch, run.pad, cfg.max_seq_len)
-            # average_gradients divides by the ranks; the loop wants their sum.
-            total, g = micro_step(ids, labels, mx.array(weight * group.size, dtype=mx.float32))
-            self.grads = g if self.grads is None else tree_map(mx.add, self.grads, g)
-            mx.eval(total, self.grads)
-            return total.item()
+    def adapter(self):
+        mx.eval(self.model.trainable_parameters(), self.opt.state)
+        return adapter_of(backend, self.model, self.run.spec, self.run.info)
 
-        def update(self, lr):
-            opt.learning_rate = lr
-            update(self.grads)
-            self.grads = None
-            mx.eval(model.trainable_parameters(), opt.state)
-
-        def eval_loss(self, dataset):
-            return eval_loss(model, dataset, cfg.batch_size, run.pad, cfg.max_seq_len)
-
-        def adapter(self):
-            mx.eval(model.trainable_parameters(), opt.state)
-            return adapter_of(model, run.spec, run.info)
-
-        def save_state(self, folder):
-            if folder is not None:
-                mx.save_safetensors(str(folder / OPTIMIZER_FILE), dict(tree_flatten(opt.state)))
-
-    return run_loop(run, Steps(), desc="mlx", progress=progress)
+    def save_state(self, folder):
+        if folder is not None:
+            mx.save_safetensors(str(folder / OPTIMIZER_FILE), dict(tree_flatten(self.opt.state)))

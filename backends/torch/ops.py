@@ -80,6 +80,27 @@ class TorchOps:
     def svdvals(self, x: torch.Tensor) -> torch.Tensor:
         return torch.linalg.svdvals(x)
 
+    def log_softmax(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.log_softmax(x, dim=-1)
+
+    exp, expm1, log1p = staticmethod(torch.exp), staticmethod(torch.expm1), staticmethod(torch.log1p)
+
+    def sum_last(self, x: torch.Tensor, keepdims: bool = False) -> torch.Tensor:
+        return x.sum(dim=-1, keepdim=keepdims)
+
+    def max_last(self, x: torch.Tensor) -> torch.Tensor:
+        return x.amax(dim=-1)
+
+    def minimum(self, x: torch.Tensor, bound: float) -> torch.Tensor:
+        return x.clamp(max=bound)
+
+    def where(self, condition, a, b):
+        return torch.where(condition, a, b)
+
+    def take_last(self, x: torch.Tensor, index: np.ndarray) -> torch.Tensor:
+        idx = torch.from_numpy(np.ascontiguousarray(index, dtype=np.int64)).to(x.device)
+        return torch.gather(x, -1, idx[..., None])[..., 0]
+
 
 @contextlib.contextmanager
 def _one_thread():

@@ -5,9 +5,7 @@ decomposed and its residual written before the next is read, so peak memory foll
 matrix, not the model. For an adapter kind that leaves the base weights alone (MoRA, full
 fine-tuning), OUT/ holds the model's own weights, stored in the spec's dtype (so a GGUF or
 quantised input becomes a folder transformers and mlx-lm load), and OUT/pissa_init/ the adapter
-at its starting point. For an adapter kind that leaves the base weights alone (MoRA), OUT/ holds
-the model's own weights, stored in the spec's dtype (so a GGUF or quantised input becomes a folder
-transformers and mlx-lm load), and OUT/pissa_init/ the adapter at its starting point.
+at its starting point.
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """The few array operations the decomposition needs, and the numpy reference implementation.
 
-The math in pissa.numeric.decompose is written once against this protocol. Besides these methods it
-uses only what numpy, torch and mlx arrays share: `@`, `*`, `-`, `/` and slicing. Arrays may
-carry leading batch axes ([b, m, n]): backends that gain from batched SVDs get them.
+The math in pissa.numeric.decompose, pissa.numeric.qpissa and pissa.numeric.kl is written once
+against this protocol. Besides these methods it uses only what numpy, torch and mlx arrays share:
+`@`, `*`, `+`, `-`, `/`, comparisons and slicing. Arrays may carry leading batch axes ([b, m, n]):
+backends that gain from batched SVDs get them.
 Each backend implements Ops in its own package (pissa_torch.ops, pissa_mlx.ops) and keeps its
 framework's quirks there, with a comment saying why. The Protocol below lists every member the core
 uses (pissa.numeric.decompose, pissa.numeric.qpissa, pissa.jobs.init); NumpyOps is the reference for each contract.
@@ -65,6 +66,36 @@ class Ops(Protocol):
     def svdvals(self, x: Array) -> Array:
         """Singular values of x [m, n], descending, in x's dtype."""
 
+    # The elementwise and last-axis operations of the stable KL (pissa.numeric.kl), on the
+    # backend's float32 logits [.., vocab].
+    def log_softmax(self, x: Array) -> Array:
+        """log softmax over the last axis."""
+
+    def exp(self, x: Array) -> Array:
+        ...
+
+    def expm1(self, x: Array) -> Array:
+        ...
+
+    def log1p(self, x: Array) -> Array:
+        ...
+
+    def sum_last(self, x: Array, keepdims: bool = False) -> Array:
+        """Sum over the last axis."""
+
+    def max_last(self, x: Array) -> Array:
+        """Maximum over the last axis."""
+
+    def minimum(self, x: Array, bound: float) -> Array:
+        ...
+
+    def where(self, condition: Array, a: Array, b: Array) -> Array:
+        ...
+
+    def take_last(self, x: Array, index: np.ndarray) -> Array:
+        """x[..., index[...]]: one entry of the last axis per position, index a host integer
+        array of x's leading shape."""
+
 
 class NumpyOps:
     """The reference backend: numpy's LAPACK on the CPU."""
@@ -116,6 +147,27 @@ class NumpyOps:
     def svdvals(self, x: np.ndarray) -> np.ndarray:
         """Singular values of x [m, n] (descending), in x's dtype."""
         return np.linalg.svd(x, compute_uv=False)
+
+    def log_softmax(self, x: np.ndarray) -> np.ndarray:
+        top = x.max(axis=-1, keepdims=True)
+        return x - top - np.log(np.exp(x - top).sum(axis=-1, keepdims=True))
+
+    exp, expm1, log1p = staticmethod(np.exp), staticmethod(np.expm1), staticmethod(np.log1p)
+
+    def sum_last(self, x: np.ndarray, keepdims: bool = False) -> np.ndarray:
+        return x.sum(axis=-1, keepdims=keepdims)
+
+    def max_last(self, x: np.ndarray) -> np.ndarray:
+        return x.max(axis=-1)
+
+    def minimum(self, x: np.ndarray, bound: float) -> np.ndarray:
+        return np.minimum(x, bound)
+
+    def where(self, condition, a, b):
+        return np.where(condition, a, b)
+
+    def take_last(self, x: np.ndarray, index: np.ndarray) -> np.ndarray:
+        return np.take_along_axis(x, np.asarray(index)[..., None], axis=-1)[..., 0]
 
 
 def available_backends() -> list[str]:

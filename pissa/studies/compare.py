@@ -4,7 +4,7 @@ backend.
 
 Every run is an ordinary `pissa init` + `pissa train` (the training in a child process, so that
 its peak memory is its own and Ctrl-C stops it cleanly with a checkpoint); then each checkpoint
-in --eval-at is measured in this process with the backend's Scorer (pissa_*.measure):
+in --eval-at is measured in this process (pissa.studies.evaluate.Session, on the backend):
 - learning: exact match and loss on the held-out target examples;
 - forgetting: loss and KL from the base model on general text, and the knowledge probe
   (pissa.studies.forgetting).
@@ -30,12 +30,44 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from pissa.studies import forgetting
+from pissa.adapters import kinds
+from pissa.adapters.spec import DEFAULT_RANK, AdapterSpec
 from pissa.errors import PissaError
+from pissa.jobs.init import run_init
+from pissa.numeric.backend import get_backend
+from pissa.numeric.quant import scheme
+from pissa.studies import forgetting
+from pissa.studies.evaluate import Session
 from pissa.studies.scoring import exact_match
+from pissa.training.loop import DIVERGED
 
-METHODS = ("full", "lora", "pissa", "mora", "qpissa")
-QPISSA_SCHEME = {"torch": "nf4", "mlx": "affine4"}
+# A method is an init (a LoRA-shaped adapter that starts so: "pissa", "olora", ...), a kind ("dora",
+# "mora", "full"; a LoRA-shaped kind alone starts as LoRA does, as its paper trains it), a kind
+# and an init ("dora+pissa"), or "qpissa" (PiSSA on the backend's quantised residual).
+QPISSA = "qpissa"
+
+
+def method_spec(method: str) -> tuple[str, str | None]:
+    """(kind, init) of a --methods entry.
+
+    Raises:
+        PissaError: for a name that is neither a kind, an init, KIND+INIT nor qpissa.
+    """
+    from pissa.adapters import inits
+
+    if method == QPISSA:
+        return "lora", "pissa"
+    kind, _, init = method.partition("+")
+    if init:
+        if kind not in kinds.names() or init not in inits.names() or not kinds.get(kind).LORA_SHAPED:
+            raise PissaError(f"unknown method {method!r}: KIND+INIT takes a LoRA-shaped kind and an init")
+        return kind, init
+    if method in inits.names():
+        return "lora", method
+    if method in kinds.names():
+        return method, ("lora" if kinds.get(method).LORA_SHAPED else None)
+    raise PissaError(f"unknown method {method!r}; choose an init ({', '.join(inits.names())}), a kind "
+                     f"({', '.join(kinds.names())}), KIND+INIT (e.g. dora+pissa) or qpissa")
 PRESETS: dict[str, dict[str, Any]] = {
     # SmolLM2-135M on the arithmetic demo task: PiSSA against LoRA at the paper's lr (2e-5), and
     # full fine-tuning against the adapters across learning rates. About an hour on 2 CPU cores
@@ -66,9 +98,10 @@ class Grid:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        unknown = [m for m in self.methods if m not in METHODS]
-        if unknown or not self.methods:
-            raise PissaError(f"unknown method(s) {unknown or '(none)'}; choose from {', '.join(METHODS)}")
+        if not self.methods:
+            raise PissaError("--methods is empty; give e.g. full,lora,pissa,mora")
+        for method in self.methods:
+            method_spec(method)
         if not self.lrs or any(not (lr > 0 and math.isfinite(lr)) for lr in self.lrs):
             raise PissaError(f"--lrs must be positive numbers, got {list(self.lrs)}")
         if not self.ranks or any(r < 1 for r in self.ranks):
@@ -97,7 +130,7 @@ class RunPlan:
 def plan(grid: Grid) -> list[RunPlan]:
     runs = []
     for method in grid.methods:
-        for rank in (None,) if method == "full" else grid.ranks:
+        for rank in grid.ranks if kinds.get(method_spec(method)[0]).RANKED else (None,):
             runs += [RunPlan(method, rank, lr) for lr in grid.lrs]
     return runs
 
@@ -164,16 +197,13 @@ class Compare:
 
     def init_dir(self, run: RunPlan) -> Path:
         """OUT/inits/NAME: `pissa init` for the run's method and rank, made once and shared by its lrs."""
-        from pissa.jobs.init import run_init
-        from pissa.numeric.quant import scheme
-        from pissa.adapters.spec import AdapterSpec
-
         folder = self.out / "inits" / run.init_name
         if (folder / "pissa_init").is_dir():
             return folder
-        init = {"full": "full", "lora": "lora", "pissa": "pissa", "mora": "mora", "qpissa": "pissa"}[run.method]
-        spec = AdapterSpec(rank=run.rank or 16, init=init, seed=self.grid.seed, compute_dtype="float32")
-        quantize = scheme(QPISSA_SCHEME[self.backend], 64) if run.method == "qpissa" else None
+        kind, init = method_spec(run.method)
+        spec = AdapterSpec(rank=run.rank or DEFAULT_RANK, kind=kind, init=init, seed=self.grid.seed,
+                           compute_dtype="float32")
+        quantize = scheme(get_backend(self.backend).qpissa_scheme, 64) if run.method == QPISSA else None
         run_init(self.model, folder, spec, backend="numpy", force=True, progress=False, quantize=quantize)
         return folder
 
@@ -196,9 +226,9 @@ class Compare:
                 raise
         code = os.waitstatus_to_exitcode(status)
         seconds = time.perf_counter() - start
-        text = log.read_text()
-        if code == 2 and "the loss became" in text:
-            return {"diverged": text.strip().splitlines()[-1]}
+        diverged = folder / DIVERGED
+        if code == 2 and diverged.is_file():
+            return {"diverged": json.loads(diverged.read_text())["message"]}
         if code != 0:
             raise PissaError(f"training {run.name} failed (exit {code}); its output is in {log}")
         rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line]
@@ -206,7 +236,11 @@ class Compare:
         return {"peak_mib": round(peak, 1), "train_seconds": round(seconds, 1),
                 "tokens_per_s": rows[-1].get("tokens_per_s") if rows else None}
 
-    def run_one(self, run: RunPlan, scorer_cls, reference, data: EvalData) -> list[dict[str, Any]]:
+    def checkpoint(self, run: RunPlan, step: int) -> Path:
+        """The adapter of a run's checkpoint at `step`."""
+        return self.out / "runs" / run.name / "checkpoints" / f"step-{step:06d}" / "adapter"
+
+    def run_one(self, run: RunPlan, reference, data: EvalData) -> list[dict[str, Any]]:
         folder = self.out / "runs" / run.name
         if (folder / "done.json").is_file():
             return [json.loads(line) for line in (folder / "results.jsonl").read_text().splitlines() if line]
@@ -215,17 +249,18 @@ class Compare:
         init = self.init_dir(run)
         base = {"method": run.method, "rank": run.rank, "lr": run.lr, "backend": self.backend}
         if run.init_name not in self._step0:
-            self._step0[run.init_name] = measure(scorer_cls(init, None), reference, data, self.grid.max_new_tokens)
+            self._step0[run.init_name] = measure(Session(self.backend, init), reference, data,
+                                                 self.grid.max_new_tokens)
         metrics, scores = self._step0[run.init_name]
         stats = self.train(run, init, folder)
         rows = [{**base, "step": 0, **metrics}]
         probes = {"0": scores}
         for step in self.grid.eval_at:
-            adapter = folder / "checkpoints" / f"step-{step:06d}" / "adapter"
+            adapter = self.checkpoint(run, step)
             if "diverged" in stats or not adapter.is_dir():
                 rows.append({**base, "step": step, "diverged": stats.get("diverged", "no checkpoint")})
                 continue
-            metrics, scores = measure(scorer_cls(init, adapter), reference, data, self.grid.max_new_tokens)
+            metrics, scores = measure(Session(self.backend, init, adapter), reference, data, self.grid.max_new_tokens)
             rows.append({**base, "step": step, **metrics, **stats})
             probes[str(step)] = scores
         (folder / "probe_scores.json").write_text(json.dumps({"items": data.probe, "scores": probes}) + "\n")
@@ -247,8 +282,6 @@ def run_compare(model: str, data: str | Path, eval_data: str | Path, out: str | 
 
     out, data, eval_data = Path(out), Path(data), Path(eval_data)
     read_jsonl(data), read_jsonl(eval_data)  # bad data is one error line before anything runs
-    if "qpissa" in grid.methods and backend not in QPISSA_SCHEME:
-        raise PissaError(f"qpissa has no quantised layout on the {backend} backend")
     settings = {"model": model, "data": str(data), "eval_data": str(eval_data), "backend": backend,
                 "grid": asdict(grid)}
     saved = out / "compare.json"
@@ -260,10 +293,9 @@ def run_compare(model: str, data: str | Path, eval_data: str | Path, out: str | 
     out.mkdir(parents=True, exist_ok=True)
     saved.write_text(json.dumps(settings, indent=2) + "\n")
 
-    scorer_cls = __import__(f"pissa_{backend}.measure", fromlist=["Scorer"]).Scorer
     job = Compare(model, data, eval_data, out, grid, backend, progress)
     base_dir = job.init_dir(RunPlan("full", None, 0.0))   # the model itself: the reference for the KL
-    reference = scorer_cls(base_dir, None)
+    reference = Session(backend, base_dir)
     eval_set = EvalData.build(reference.tokenizer, eval_data, grid)
     runs = plan(grid)
     rows: list[dict] = []
@@ -271,8 +303,12 @@ def run_compare(model: str, data: str | Path, eval_data: str | Path, out: str | 
               file=sys.stderr) as bar:
         for run in runs:
             bar.set_postfix_str(run.name)
-            rows += job.run_one(run, scorer_cls, reference, eval_set)
+            rows += job.run_one(run, reference, eval_set)
             compare_report.write(out, rows, grid, settings)
             bar.update(1)
-    compare_report.write(out, rows, grid, settings, spectra=compare_report.spectra(job, rows, runs))
+    chosen = {}
+    for method, r in compare_report.best(rows, grid.steps).items():
+        run = next(p for p in runs if (p.method, p.rank, p.lr) == (r["method"], r["rank"], r["lr"]))
+        chosen[method] = (run.name, job.init_dir(run), job.checkpoint(run, grid.steps))
+    compare_report.write(out, rows, grid, settings, spectra=compare_report.spectra(base_dir, chosen))
     return out / "report.md"

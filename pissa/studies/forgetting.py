@@ -1,6 +1,6 @@
 """What fine-tuning costs the model, measured offline ("LoRA Learns Less and Forgets Less",
 arXiv 2405.09673): the data, the batches and the arithmetic; the forward passes are the backends'
-(pissa_torch.measure, pissa_mlx.measure).
+(pissa.studies.evaluate.Session: the backend's logits, the KL of pissa.numeric.kl).
 
 - General text (resources/general_text.jsonl, English prose and Python code; provenance in
   resources/README.md): the mean token loss of the fine-tuned model, and the mean per-token
@@ -13,27 +13,22 @@ arXiv 2405.09673): the data, the batches and the arithmetic; the forward passes 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 
-from pissa.training.data import IGNORE, collate
-from pissa.training.data import Example
+from pissa.training import data
+from pissa.training.data import IGNORE, Example, collate
 
 RESOURCES = Path(__file__).resolve().parent / "resources"
 GENERAL = RESOURCES / "general_text.jsonl"
-# The backends' KL takes its precise form (log1p/expm1 of the logits' difference d) where every d
-# is at most this, and the plain difference of log-softmaxes elsewhere, where e^d could overflow
-# float32 and the KL is large anyway.
-EXP_SAFE = 30.0
 PROBE = RESOURCES / "probe.jsonl"
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [record for _, record in data.read_jsonl(path)]
 
 
 # ---------------------------------------------------------------------- general text
@@ -65,7 +60,7 @@ class GeneralScore:
     tokens: int = 0
 
     def add(self, nll: np.ndarray, kl: np.ndarray, count: np.ndarray) -> None:
-        """Per-row sums from a backend (pissa_*.measure.token_stats)."""
+        """Per-row sums (pissa.studies.evaluate.Session.token_stats)."""
         self.nll += float(np.sum(nll))
         self.kl += float(np.sum(kl))
         self.tokens += int(np.sum(count))

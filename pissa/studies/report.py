@@ -10,7 +10,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-COLORS = {"full": "tab:red", "lora": "tab:blue", "pissa": "tab:green", "mora": "tab:purple", "qpissa": "tab:olive"}
+COLORS = {"full": "tab:red", "lora": "tab:blue", "pissa": "tab:green", "mora": "tab:purple", "qpissa": "tab:olive",
+          "dora": "tab:orange", "olora": "tab:brown", "milora": "tab:pink", "pissa-fast": "tab:cyan"}
 COLUMNS = [("target_exact_match", "target EM", "{:.1%}"), ("target_loss", "target loss", "{:.4f}"),
            ("general_loss", "general loss", "{:.4f}"), ("general_kl", "general KL", "{:.5f}"),
            ("probe_accuracy", "probe acc.", "{:.1%}"), ("tokens_per_s", "tokens/s", "{:.0f}"),
@@ -129,17 +130,13 @@ def plots(out: Path, rows: list[dict], grid) -> list[str]:
     return ["pareto.png", "lr.png"]
 
 
-def spectra(job, rows: list[dict], runs) -> dict[str, Any]:
-    """The weight-change ranks of each method's best run, at its last step."""
+def spectra(base: Path, chosen: dict[str, tuple[str, Path, Path]]) -> dict[str, Any]:
+    """The weight-change ranks of each method's chosen run (method -> (run name, its init
+    folder, its adapter)) against the base model's folder."""
     from pissa.studies.spectrum import weight_change_ranks
 
-    out = {}
-    base = job.out / "inits" / "full"
-    for method, r in best(rows, job.grid.steps).items():
-        run = next(p for p in runs if (p.method, p.rank, p.lr) == (r["method"], r["rank"], r["lr"]))
-        adapter = job.out / "runs" / run.name / "checkpoints" / f"step-{job.grid.steps:06d}" / "adapter"
-        out[method] = {"run": run.name, "ranks": weight_change_ranks(base, job.init_dir(run), adapter)}
-    return out
+    return {method: {"run": name, "ranks": weight_change_ranks(base, init, adapter)}
+            for method, (name, init, adapter) in chosen.items()}
 
 
 def write(out: Path, rows: list[dict], grid, settings: dict, spectra: dict | None = None) -> None:

@@ -15,13 +15,14 @@ from pathlib import Path
 
 import numpy as np
 
-from pissa.studies import forgetting
-
-from pissa.numeric import quant
 from pissa.files.formats import hf
-from pissa.numeric.dtypes import np_dtype
 from pissa.files.loaders import open_model
+from pissa.numeric import quant
+from pissa.numeric.dtypes import np_dtype
 from pissa.numeric.ops import available_backends
+from pissa.studies import forgetting
+from pissa.studies.evaluate import Session
+from pissa.training.data import pad_id
 
 TOKENS = 1024
 
@@ -64,17 +65,15 @@ def step0_kl(model: str, out: Path, targets: set[str], scheme: quant.QuantScheme
     """{"tokens", "backend", "qpissa", "qlora"}: the mean KL(p_original || p_model) per token
     over `tokens` tokens of general text, for the QPiSSA folder `out` (with its pissa_init) and
     for QLoRA's step-0 model."""
-    Scorer = __import__(f"pissa_{backend}.measure", fromlist=["Scorer"]).Scorer
     with tempfile.TemporaryDirectory(prefix="pissa-step0-") as tmp:
         orig, qlora = reference_folders(model, Path(tmp), targets, scheme, dtype)
-        reference = Scorer(orig)
+        reference = Session(backend, orig)
         examples = forgetting.general_examples(reference.tokenizer, tokens)
-        pad = reference.tokenizer.pad_token_id
-        pad = pad if pad is not None else (reference.tokenizer.eos_token_id or 0)
+        pad = pad_id(reference.tokenizer)
         result = {"tokens": sum(len(e.input_ids) - 1 for e in examples), "backend": backend}
         for key, folder in (("qlora", qlora), ("qpissa", out)):
             score = forgetting.GeneralScore()
-            scorer = Scorer(folder)
+            scorer = Session(backend, folder)
             for batch in forgetting.batches(examples, 4, pad):
                 score.add(*scorer.token_stats(batch, reference))
             result[key] = score.metrics()["general_kl"]

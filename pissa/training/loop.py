@@ -2,8 +2,9 @@
 resume), the step loop (schedule, micro-batches, NaN and Ctrl-C handling, eval and checkpoint
 cadence, metrics, progress bar) and the final outputs (adapter, its plain LoRA, loss.png, summary).
 
-A backend's train() (pissa_torch.train, pissa_mlx.train) builds its model and optimizer from a
-Run and hands run_loop() a Steps object: the five things only a framework can do.
+pissa.training.train sets a run up (prepare() here, then the model with its adapter) and asks the
+backend for a Steps object around it (Backend.trainer: pissa_torch.train, pissa_mlx.train): the
+five things only a framework can do. run_loop() drives it.
 
 Under a launcher (torchrun, mlx.launch; pissa.dist) every rank runs this same loop. Each draws the
 same global micro-batch and takes every size-th row of it; the loss is normalised by the global
@@ -15,6 +16,7 @@ the checkpoint it resumes from, so --out must be on a filesystem all ranks see.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import sys
@@ -27,15 +29,16 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from pissa import dist
-from pissa.training.data import IGNORE, Dataset, Example, batch_indices, collate, load_dataset, load_tokenizer, pad_id
+from pissa.adapters.adapter import BASE_MODEL_INFO, Adapter, init_fingerprint
 from pissa.errors import PissaError
 from pissa.files.formats import peft as peft_format
-from pissa.adapters.adapter import Adapter
-from pissa.adapters.adapter import BASE_MODEL_INFO, init_fingerprint
+from pissa.files.formats.hf import write_json
+from pissa.training.data import IGNORE, Dataset, Example, batch_indices, collate, load_dataset, load_tokenizer, pad_id
 from pissa.training.run import CHECKPOINTS, RunDir, TrainConfig, initial_adapter, lr_at, save_config
 
 # pissa_config.json fields of the init that every adapter of the run carries on.
 _INHERITED = ("shapes", *BASE_MODEL_INFO)
+DIVERGED = "diverged.json"  # RUN_DIR/diverged.json: the step and loss at which a run stopped on NaN/inf
 
 
 @dataclass
@@ -63,7 +66,8 @@ class Run:
 
 def prepare(model_dir: str | Path, data: str | Path, out: str | Path, cfg: TrainConfig, *, backend: str,
             eval_data: str | Path | None = None, adapter: str | Path | None = None, resume: bool = False,
-            force: bool = False, config: dict | None = None, group: dist.Group | None = None) -> Run:
+            force: bool = False, config: dict | None = None, group: dist.Group | None = None,
+            dropout: float | None = None) -> Run:
     """Read and check everything a run needs before any framework work: the init folder, the
     adapter to start from, the data (tokenised with the model's own tokenizer), and the run folder
     (with --resume, its last checkpoint). Writes RUN_DIR/config.json.
@@ -89,6 +93,7 @@ def prepare(model_dir: str | Path, data: str | Path, out: str | Path, cfg: Train
         if ds.truncated and group.rank == 0:
             print(f"pissa train: {ds.truncated} of {len(ds.examples)} records in {ds.path} were cut to "
                   f"--max-seq-len {cfg.max_seq_len}", file=sys.stderr)
+    start = _with_dropout(start, dropout)
     record = {"backend": backend, "model_dir": str(model_dir.absolute()), "data": str(data),
               "spec": start.spec.to_dict(), **(config or {})}
     if group.size > 1:
@@ -116,11 +121,18 @@ def prepare(model_dir: str | Path, data: str | Path, out: str | Path, cfg: Train
                              "on a filesystem every rank sees")
         return peft_format.load_adapter(checkpoint / "adapter") if checkpoint is not None else None
 
-    resumed = dist.agree(group, read_checkpoint, what="reading the checkpoint")
+    resumed = _with_dropout(dist.agree(group, read_checkpoint, what="reading the checkpoint"), dropout)
     info = {"role": "trained", "init_fingerprint": init_fingerprint(init), "source": init.info.get("source"),
             **{k: init.info[k] for k in _INHERITED if k in init.info}}
     return Run(cfg, model_dir, folder, tokenizer, train_set, eval_set, pad_id(tokenizer), resumed or start, init,
                max(step, 0), checkpoint, info, group)
+
+
+def _with_dropout(adapter: Adapter | None, dropout: float | None) -> Adapter | None:
+    """The adapter with `pissa train --dropout` in its spec (PEFT's lora_dropout), when given."""
+    if adapter is None or dropout is None:
+        return adapter
+    return dataclasses.replace(adapter, spec=dataclasses.replace(adapter.spec, dropout=dropout))
 
 
 class Steps(Protocol):
@@ -193,9 +205,12 @@ def run_loop(run: Run, steps: Steps, *, desc: str, progress: bool = True) -> dic
                 loss_value = float(np.mean(group.all_sum(sums) / counts))
                 if not math.isfinite(loss_value):
                     kept = folder.latest()
-                    raise PissaError(f"the loss became {loss_value} at step {step + 1}; stopped. Last good checkpoint: "
-                                     f"{kept if kept else 'none (use --save-every)'}; lower --lr and --resume or "
-                                     "restart")
+                    message = (f"the loss became {loss_value} at step {step + 1}; stopped. Last good checkpoint: "
+                               f"{kept if kept else 'none (use --save-every)'}; lower --lr and --resume or restart")
+                    if writes:  # what a caller (pissa compare) reads, rather than parsing the message
+                        write_json(folder.path / DIVERGED, {"step": step + 1, "loss": str(loss_value),
+                                                            "message": message})
+                    raise PissaError(message)
                 steps.update(lr)
             step += 1
             elapsed = time.perf_counter() - t0

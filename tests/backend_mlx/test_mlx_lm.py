@@ -174,10 +174,12 @@ def test_smollm2_init_train_and_export_on_mlx(tmp_path, hf_smollm2):
 
     # pissa eval's batched greedy decoding (left-padded, BatchKVCache) on the trained model: each
     # prompt decodes as it does alone, and as transformers' greedy generate on the torch side.
-    from pissa_mlx.evaluate import greedy, load_for_inference
+    from pissa.files.models import load_for_inference
+    from pissa_mlx import backend
+    from pissa_mlx.backend import greedy
 
     prompts = [PROMPT_IDS[0], PROMPT_IDS[1][:4], PROMPT_IDS[0][:7], PROMPT_IDS[1][:1]]
-    mlx_model = load_for_inference(out, run / "adapter")
+    mlx_model = load_for_inference(backend, out, run / "adapter", None, "fp32")
     batched = greedy(mlx_model, prompts, 8, stops=set())
     assert batched == [greedy(mlx_model, [p], 8, set())[0] for p in prompts]
     for p, row in zip(prompts, batched):

@@ -200,9 +200,9 @@ def test_a_qpissa_folder_loads_with_quantised_bases_and_trainable_factors_only(q
 
 
 def test_the_cpu_path_of_a_quantised_base_is_mlxs_quantized_matmul():
-    """PissaLinear's dense dequantised matmul on the CPU (pissa_mlx.layer.dequantized_matmul):
+    """PissaLinear's dense dequantised matmul on the CPU (pissa_mlx.layers.base.dequantized_matmul):
     same forward and same input gradient as nn.QuantizedLinear's own kernel."""
-    from pissa_mlx.layer import quantized_forward
+    from pissa_mlx.layers.base import quantized_forward
 
     base = nn.QuantizedLinear.from_linear(nn.Linear(128, 96, bias=True), group_size=64, bits=4)
     x = mx.random.normal((2, 5, 128))
@@ -226,7 +226,7 @@ def test_merge_refuses_a_quantised_base_before_merging_anything(qpissa_chat):
 
 def test_apply_on_a_quantised_model_points_to_qpissa(qpissa_chat):
     from pissa_mlx import apply
-    from pissa_mlx.api import load_base
+    from pissa_mlx.backend import load_base
 
     from pissa.adapters.spec import AdapterSpec
 
@@ -258,7 +258,7 @@ def step0_distances(original, qpissa_dir, group: int, bits: int) -> tuple[float,
     """(QPiSSA, QLoRA): relative max logit difference to the original model, at step 0, of the
     loaded QPiSSA folder and of the original with its target weights quantised by mx.quantize."""
     from pissa_mlx import load
-    from pissa_mlx.api import load_base
+    from pissa_mlx.backend import load_base
 
     model, spec = load(qpissa_dir)
     reference = np.array(load_base(original)(IDS))
@@ -311,7 +311,7 @@ def test_smollm2_qpissa_beats_qlora_at_step0_then_trains_and_converts(tmp_path):
     from mlx_lm import load as mlx_lm_load
 
     from pissa_mlx import load
-    from pissa_mlx.api import load_base
+    from pissa_mlx.backend import load_base
     from pissa_mlx.train import token_loss
     from tests.backend_mlx.test_mlx_lm import write_original_smollm2
     from tests.conftest import DATA

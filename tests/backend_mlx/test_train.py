@@ -120,7 +120,7 @@ def test_bf16_frozen_weights_train(tiny_chat, tmp_path):
 
 def test_merge_gives_the_adapter_models_logits(mlx_run, tiny_chat, tmp_path):
     from pissa_mlx import load as load_model
-    from pissa_mlx.api import load_base
+    from pissa_mlx.backend import load_base
 
     ids = mx.array(PROMPT_IDS)
     model, _ = load_model(tiny_chat, mlx_run / "adapter")

@@ -13,7 +13,7 @@ from pissa.errors import PissaError  # noqa: E402
 from pissa.files.formats.peft import load_adapter  # noqa: E402
 from pissa.adapters.spec import AdapterSpec  # noqa: E402
 from pissa_torch import PissaLinear, adapter_state_dict, apply, load, merge, save_adapter, unmerge  # noqa: E402
-from pissa_torch.api import from_numpy  # noqa: E402
+from pissa_torch.backend import from_numpy  # noqa: E402
 from tests.conftest import rel_max_diff, write_tiny_llama  # noqa: E402
 
 IDS = torch.tensor([[5, 17, 100, 42, 9, 120, 7]])  # within the tiny vocab of 128

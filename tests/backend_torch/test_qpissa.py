@@ -20,7 +20,7 @@ from pissa.jobs.init import run_init  # noqa: E402
 from pissa.files.loaders import open_model  # noqa: E402
 from pissa.adapters.spec import AdapterSpec, parse_targets  # noqa: E402
 from pissa_torch import PissaLinear, apply, load, merge  # noqa: E402
-from pissa_torch.api import pissa_layers  # noqa: E402
+from pissa_torch.backend import adapter_layers as pissa_layers  # noqa: E402
 from pissa_torch.ops import make_ops  # noqa: E402
 from pissa_torch.quantized import AffineQuantLinear, dequantized_weight, is_bnb_4bit, load_base  # noqa: E402
 from tests.conformance.qpissa_checks import assert_same_init, init_each  # noqa: E402

@@ -24,7 +24,7 @@ def backend_delta(backend: str, M: np.ndarray, shape: tuple[int, int], spec: Ada
     if backend == "torch":
         import torch
 
-        from pissa_torch.mora import MoraLinear
+        from pissa_torch import MoraLinear
 
         dt = {"float64": torch.float64, "float32": torch.float32}[dtype]
         base = torch.nn.Linear(shape[1], shape[0], bias=False, dtype=dt)
@@ -37,7 +37,7 @@ def backend_delta(backend: str, M: np.ndarray, shape: tuple[int, int], spec: Ada
     import mlx.core as mx
     from mlx import nn
 
-    from pissa_mlx.mora import MoraLinear
+    from pissa_mlx import MoraLinear
 
     dt = {"float64": mx.float64, "float32": mx.float32}[dtype]
     with mx.stream(mx.cpu):

@@ -29,15 +29,12 @@ from the factors as stored (decompose_many), and the QPiSSA iteration around an 
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from dataclasses import dataclass
-from functools import cache
-from types import ModuleType
 from typing import Sequence
 
 import numpy as np
 
+from pissa.adapters.registry import Registry
 from pissa.errors import PissaError
 from pissa.numeric.decompose import residual, stored
 from pissa.numeric.dtypes import np_dtype
@@ -46,32 +43,9 @@ from pissa.numeric.qpissa import QFactors, iterate
 from pissa.numeric.quant import QuantScheme
 
 
-@cache
-def _registry() -> dict[str, ModuleType]:
-    found = {}
-    for info in pkgutil.iter_modules(__path__):
-        module = importlib.import_module(f"{__name__}.{info.name}")
-        found[module.NAME] = module
-    return dict(sorted(found.items(), key=lambda kv: ORDER.index(kv[0]) if kv[0] in ORDER else len(ORDER)))
-
-
-ORDER = ("pissa", "pissa-fast", "lora", "olora", "milora")  # how help texts list them; others follow
-
-
-def names() -> tuple[str, ...]:
-    return tuple(_registry())
-
-
-def get(name: str) -> ModuleType:
-    """The init module called `name`.
-
-    Raises:
-        PissaError: for an unknown name.
-    """
-    inits = _registry()
-    if name not in inits:
-        raise PissaError(f"unknown init {name!r}; choose one of {', '.join(inits)}")
-    return inits[name]
+# How help texts list them; others follow.
+_REGISTRY = Registry(__name__, __path__, ("pissa", "pissa-fast", "lora", "olora", "milora"), "init")
+names, get = _REGISTRY.names, _REGISTRY.get
 
 
 def from_peft(value) -> dict:
@@ -80,7 +54,7 @@ def from_peft(value) -> dict:
     Raises:
         PissaError: for a value no init of pissa reads.
     """
-    for module in _registry().values():
+    for module in _REGISTRY.entries.values():
         fields = module.from_peft(value)
         if fields is not None:
             return fields
@@ -145,7 +119,7 @@ def decompose_quantized(W: np.ndarray, name: str, spec, ops: Ops, s: QuantScheme
         raise ValueError(f"{name}: rank {spec.rank} does not fit a weight of shape {W.shape}")
     method = get(spec.init)
     if not method.QPISSA:
-        able = ", ".join(n for n, m in _registry().items() if m.QPISSA)
+        able = ", ".join(n for n, m in _REGISTRY.entries.items() if m.QPISSA)
         raise PissaError(f"--quantize needs an init that takes the principal part ({able}), not {spec.init}")
 
     def factor(R):

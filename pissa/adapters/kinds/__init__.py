@@ -16,6 +16,7 @@ functions per framework), and nothing outside it knows a kind's parameters:
                  give it), as "shapes" in pissa_config.json
     EMPTY_INIT   whether its init stores no parameters (a module without them starts from its base
                  weight: full fine-tuning)
+    RANKED       whether --rank shapes it (not for full fine-tuning)
     OUTPUT       what a finished run writes: "adapter" (RUN_DIR/adapter, and RUN_DIR/lora when it
                  converts) or "model" (RUN_DIR/model, the whole merged model)
     check(spec)                          kind-specific validation of a spec (PissaError)
@@ -37,13 +38,10 @@ functions per framework), and nothing outside it knows a kind's parameters:
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from dataclasses import dataclass
-from functools import cache
 from types import ModuleType
 
-from pissa.errors import PissaError
+from pissa.adapters.registry import Registry
 
 ORDER = ("lora", "dora", "mora", "full")  # how help texts list them; others follow
 
@@ -57,40 +55,19 @@ class Option:
     help: str
 
 
-@cache
-def _registry() -> dict[str, ModuleType]:
-    found = {}
-    for info in pkgutil.iter_modules(__path__):
-        module = importlib.import_module(f"{__name__}.{info.name}")
-        found[module.NAME] = module
-    return dict(sorted(found.items(), key=lambda kv: ORDER.index(kv[0]) if kv[0] in ORDER else len(ORDER)))
-
-
-def names() -> tuple[str, ...]:
-    return tuple(_registry())
-
-
-def get(name: str) -> ModuleType:
-    """The kind module called `name`.
-
-    Raises:
-        PissaError: for an unknown name.
-    """
-    kinds = _registry()
-    if name not in kinds:
-        raise PissaError(f"unknown adapter kind {name!r}; choose one of {', '.join(kinds)}")
-    return kinds[name]
+_REGISTRY = Registry(__name__, __path__, ORDER, "adapter kind")
+names, get = _REGISTRY.names, _REGISTRY.get
 
 
 def options() -> dict[str, tuple[str, Option]]:
     """Every kind's options: option name -> (kind name, Option)."""
-    return {opt: (name, o) for name, kind in _registry().items() for opt, o in kind.OPTIONS.items()}
+    return {opt: (name, o) for name, kind in _REGISTRY.entries.items() for opt, o in kind.OPTIONS.items()}
 
 
 def init_alias(init: str | None) -> str | None:
     """The kind an --init name stands for, for the kinds that have no init (`--init mora` is
     `--kind mora`, `--init full` is `--kind full`), or None."""
-    kind = _registry().get(init) if init else None
+    kind = _REGISTRY.entries.get(init) if init else None
     return init if kind is not None and not kind.LORA_SHAPED else None
 
 

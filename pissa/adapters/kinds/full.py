@@ -29,12 +29,15 @@ TENSORS = ("weight",)
 KEY_SUFFIX: dict[str, str] = {}
 RECORDS_SHAPES = False
 EMPTY_INIT = True
+RANKED = False  # --rank and --alpha do not apply
 OUTPUT = "model"
 PEFT_KEYS: tuple[str, ...] = ()
 
 
 def check(spec) -> None:
-    """Rank and alpha do not apply."""
+    """Rank and alpha do not apply; nor does dropout (there is no adapter input to drop)."""
+    if spec.dropout:
+        raise PissaError("full fine-tuning has no adapter whose input could be dropped out; use --dropout 0")
 
 
 def scale(spec) -> float:

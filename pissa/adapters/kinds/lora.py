@@ -28,6 +28,7 @@ TENSORS = ("lora_A", "lora_B")
 KEY_SUFFIX: dict[str, str] = {}
 RECORDS_SHAPES = False  # pissa_config.json "shapes": [out, in] of each module
 EMPTY_INIT = False
+RANKED = True   # its shapes follow --rank
 OUTPUT = "adapter"
 
 

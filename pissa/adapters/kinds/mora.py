@@ -47,6 +47,7 @@ TENSORS = ("lora_A",)
 KEY_SUFFIX: dict[str, str] = {}
 RECORDS_SHAPES = True  # pissa_config.json "shapes": [out, in] of each module
 EMPTY_INIT = False
+RANKED = True   # its shapes follow --rank
 OUTPUT = "adapter"
 PEFT_KEYS = ("use_mora", "mora_type")
 ROPE_BASE = 10000.0

@@ -1,13 +1,10 @@
-"""Adapter layers over a frozen mlx.nn.Linear, one class per adapter kind (pissa.adapters.kinds), each
-wrapping and unwrapping itself in the mlx-lm style (from_base / fuse):
-
-- AdapterLinear: what every kind shares: the frozen base, merge / unmerge / fuse through the
-  kind's dense update delta(), and the names of its trainable parameters (PARAMS);
-- PissaLinear (kind "lora"): W_res plus the trainable factors A [r, in] and B [out, r],
-  y = x W_res^T + s * (dropout(x) A^T) B^T, the orientation used everywhere in pissa (PEFT's, not
-  mlx-lm's [in, r] / [r, out]; pissa.files.formats.mlx_lm converts at the file boundary).
-  MoraLinear lives in pissa_mlx.mora;
-- FullLinear (kind "full"): full fine-tuning, the base weight itself trains.
+"""What every adapter layer shares, over a frozen mlx.nn.Linear: pissa_mlx.layers holds one module
+per adapter kind (pissa.adapters.kinds), each a class (its module's LAYER) that wraps and unwraps
+itself in the mlx-lm style (from_params / fuse). AdapterLinear holds the frozen base, the dropout
+on the adapter's input, merge / unmerge / fuse through the kind's dense update delta(), and the
+names of its trainable parameters (PARAMS). Every tensor keeps pissa's orientation (A [r, in],
+B [out, r]: PEFT's, not mlx-lm's [in, r] / [r, out]; pissa.files.formats.mlx_lm converts at the
+file boundary).
 
 QPiSSA: the base may be an nn.QuantizedLinear holding Q(W_res), as mlx-lm loads the residual
 model that `pissa init --quantize affine4|int8` writes; y = deq(Q(W_res)) x + s B A x, the base
@@ -23,16 +20,8 @@ import functools
 
 import mlx.core as mx
 from mlx import nn
+from pissa.adapters.model import QUANTIZED_MERGE
 from pissa.errors import PissaError
-
-QUANTIZED_BASE = ("quantised base layer {name}: PiSSA needs the full-precision weight to decompose; run QPiSSA "
-                  "on the unquantised model instead: pissa init MODEL --quantize affine4, then load that folder")
-NOT_QPISSA = ("quantised base layer {name} is not a QPiSSA residual (the folder's config.json lists no "
-              "pissa_quantization module of that name); load a folder written by pissa init --quantize "
-              "affine4|int8, or run pissa init on the unquantised model")
-QUANTIZED_MERGE = ("{name} has a quantised base (QPiSSA): merging would requantise it and change the model; "
-                   "use fuse() for a full-precision layer, or pissa merge for a full-precision model folder")
-
 
 def weight_shape(base: nn.Module) -> tuple[int, int]:
     """[out, in] of an nn.Linear or nn.QuantizedLinear (whose weight holds 32 / bits codes per word)."""
@@ -84,11 +73,13 @@ class AdapterLinear(nn.Module):
     KIND: str = ""
     PARAMS: tuple[str, ...] = ()   # trainable parameters, in the order of the kind's TENSORS
 
-    def __init__(self, base: nn.Linear | nn.QuantizedLinear):
+    def __init__(self, base: nn.Linear | nn.QuantizedLinear, dropout: float = 0.0):
         super().__init__()
         self.base = base
         self.merged = False
         self.base.freeze()
+        # PEFT's lora_dropout: on the adapter's input only, in training mode only.
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else None
 
     def params(self) -> tuple[mx.array, ...]:
         return tuple(self[name] for name in self.PARAMS)
@@ -161,98 +152,3 @@ class AdapterLinear(nn.Module):
         if has_bias:
             fused.bias = self.base.bias
         return fused
-
-
-class PissaLinear(AdapterLinear):
-    KIND = "lora"
-    PARAMS = ("lora_A", "lora_B")
-
-    def __init__(self, base: nn.Linear | nn.QuantizedLinear, A: mx.array, B: mx.array, scale: float,
-                 dropout: float = 0.0):
-        out_features, in_features = weight_shape(base)
-        if A.ndim != 2 or B.ndim != 2 or A.shape[1] != in_features or B.shape != (out_features, A.shape[0]):
-            raise ValueError(f"A {tuple(A.shape)} and B {tuple(B.shape)} do not fit a weight "
-                             f"{(out_features, in_features)}")
-        super().__init__(base)
-        self.lora_A = A
-        self.lora_B = B
-        self.scale = float(scale)
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else None
-
-    @classmethod
-    def from_base(cls, base: nn.Linear | nn.QuantizedLinear, A: mx.array, B: mx.array, scale: float,
-                  dropout: float = 0.0) -> "PissaLinear":
-        """Wrap `base`, whose weight must already be the residual W_res (or, for an
-        nn.QuantizedLinear, its quantisation Q(W_res) from QPiSSA).
-
-        Raises:
-            ValueError: when A [r, in] and B [out, r] do not fit the weight [out, in].
-        """
-        return cls(base, A, B, scale, dropout)
-
-    @classmethod
-    def from_params(cls, base: nn.Linear | nn.QuantizedLinear, params: tuple[mx.array, ...], spec) -> "PissaLinear":
-        """from_base with the kind's parameters (A, B) and the spec's scale."""
-        A, B = params
-        return cls(base, A, B, spec.scale)
-
-    @property
-    def rank(self) -> int:
-        return self.lora_A.shape[0]
-
-    def delta(self) -> mx.array:
-        """s * B @ A, [out, in], in the base weight's (float) dtype."""
-        return ((self.lora_B * self.scale) @ self.lora_A).astype(self._dtype())
-
-    def update(self, x: mx.array) -> mx.array:
-        """s * x A^T B^T, in x's dtype."""
-        return ((x @ self.lora_A.T.astype(x.dtype)) @ self.lora_B.T.astype(x.dtype)) * self.scale
-
-    def _extra_repr(self) -> str:
-        return f"rank={self.rank}, scale={self.scale:g}, merged={self.merged}, quantized={self.quantized}"
-
-
-class FullLinear(AdapterLinear):
-    """Full fine-tuning of one linear layer: its weight is the trainable parameter (the bias, if
-    any, stays frozen like every other non-target weight). y = base(x); nothing to merge."""
-
-    KIND = "full"
-    PARAMS = ("weight",)
-
-    def __init__(self, base: nn.Linear, W: mx.array | None = None):
-        if isinstance(base, nn.QuantizedLinear):
-            raise PissaError("full fine-tuning needs float weights, not a quantised layer")
-        super().__init__(base)
-        if W is not None:
-            if tuple(W.shape) != tuple(base.weight.shape):
-                raise ValueError(f"weight {tuple(W.shape)} does not fit {tuple(base.weight.shape)}")
-            base.weight = W.astype(base.weight.dtype)
-
-    @classmethod
-    def from_params(cls, base: nn.Linear, params: tuple[mx.array, ...], spec) -> "FullLinear":
-        """No params (the init): train the base weight as it is; (W,): start from W."""
-        return cls(base, params[0] if params else None)
-
-    def params(self) -> tuple[mx.array, ...]:
-        return (self.base.weight,)
-
-    def param_paths(self) -> tuple[str, ...]:
-        return ("base.weight",)
-
-    def unfreeze_params(self) -> None:
-        self.base.unfreeze(keys=["weight"], recurse=False)
-
-    def __call__(self, x: mx.array) -> mx.array:
-        return self.base(x)
-
-    def delta(self) -> mx.array:
-        return mx.zeros_like(self.base.weight)
-
-    def merge(self) -> None:
-        """Nothing to do: the trained weight is the layer's weight."""
-
-    def unmerge(self) -> None:
-        """Nothing to do."""
-
-    def fuse(self) -> nn.Linear:
-        return self.base

@@ -7,7 +7,7 @@ runs the same forward on the identity, so merging uses exactly the function that
 
 from __future__ import annotations
 
-from pissa_mlx.layer import AdapterLinear, weight_shape
+from pissa_mlx.layers.base import AdapterLinear, weight_shape
 
 import mlx.core as mx
 from mlx import nn
@@ -40,13 +40,12 @@ class MoraLinear(AdapterLinear):
     def __init__(self, base: nn.Linear, M: mx.array, mora_type: str, dropout: float = 0.0):
         if M.ndim != 2 or M.shape[0] != M.shape[1] or (mora_type == "rotation" and M.shape[0] % 2):
             raise ValueError(f"MoRA's M {tuple(M.shape)} must be square (and of even size for rotation)")
-        super().__init__(base)
+        super().__init__(base, dropout)
         self.mora_M = M
         self.mora_type = mora_type
         self.n_out, n_in = weight_shape(base)
         self.n = M.shape[0]
         self.length = mora.padded_length(n_in, self.n)
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else None
         if mora_type == "rotation":
             cos, sin = mora.rotation_tables(self.length // self.n, self.n)
             # Plain attributes, not module members: fixed by the shape, so neither parameters
@@ -69,7 +68,7 @@ class MoraLinear(AdapterLinear):
         problem = mora.wrong_shape(spec, weight_shape(base), M.shape)
         if problem:
             raise ValueError(problem)
-        return cls(base, M, spec.option("mora_type"))
+        return cls(base, M, spec.option("mora_type"), spec.dropout)
 
     def update(self, x: mx.array) -> mx.array:
         """decompress(M compress(x)) for x [..., in] -> [..., out]."""
@@ -91,3 +90,6 @@ class MoraLinear(AdapterLinear):
 
     def _extra_repr(self) -> str:
         return f"r_hat={self.n}, type={self.mora_type}, merged={self.merged}"
+
+
+LAYER = MoraLinear

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from pissa.adapters.kinds import mora
-from pissa_torch.layer import AdapterLinear, weight_shape
+from pissa_torch.layers.base import AdapterLinear, weight_shape
 from pissa_torch.quantized import compute_dtype
 
 
@@ -40,14 +40,13 @@ class MoraLinear(AdapterLinear):
     PARAMS = ("mora_M",)
 
     def __init__(self, base: nn.Module, M: torch.Tensor, mora_type: str, dropout: float = 0.0):
-        super().__init__(base)
+        super().__init__(base, dropout)
         if M.ndim != 2 or M.shape[0] != M.shape[1] or (mora_type == "rotation" and M.shape[0] % 2):
             raise ValueError(f"MoRA's M {tuple(M.shape)} must be square (and of even size for rotation)")
         self.mora_M = nn.Parameter(M.to(base.weight.device))
         self.mora_type = mora_type
         self.n = M.shape[0]
         self.length = mora.padded_length(self.in_features, self.n)
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         if mora_type == "rotation":
             cos, sin = mora.rotation_tables(self.length // self.n, self.n)
             # Buffers follow .to(device); not persistent, since they are fixed by the shape.
@@ -69,7 +68,7 @@ class MoraLinear(AdapterLinear):
         problem = mora.wrong_shape(spec, weight_shape(base), tuple(M.shape))
         if problem:
             raise ValueError(problem)
-        return cls(base, M, spec.option("mora_type"))
+        return cls(base, M, spec.option("mora_type"), spec.dropout)
 
     def update(self, x: torch.Tensor) -> torch.Tensor:
         """decompress(M compress(x)) for x [..., in] -> [..., out]."""
@@ -89,3 +88,6 @@ class MoraLinear(AdapterLinear):
 
     def extra_repr(self) -> str:
         return f"r_hat={self.n}, type={self.mora_type}, merged={self.merged}"
+
+
+LAYER = MoraLinear

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 import warnings
@@ -86,7 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--device", default=None, help="the backend's device, e.g. cpu or cuda")
     q.add_argument("--compute-dtype", default="float64",
                    help="float64 (default: backends agree) or float32 (faster)")
-    q.add_argument("--dtype", default="float32", help="storage dtype: float32, bfloat16 or float16")
+    q.add_argument("--dtype", default=None,
+                   help="storage dtype of the residual model and adapter: float32, bfloat16 or float16 (default: "
+                        "the input's own; bfloat16 for a quantised input, which is dequantised)")
     q.add_argument("--force", action="store_true", help="replace a non-empty --out")
     q.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     q.add_argument("--svd-batch", type=_positive_int, default=None,
@@ -100,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="QPiSSA iterations: re-decompose W - deq(Q(W_res)) this many times (default 5, the paper's)")
     q.add_argument("--no-kl", action="store_true",
                    help="with --quantize: skip the step-0 KL against QLoRA (it runs the model three times)")
+    q.add_argument("--kl", action="store_true",
+                   help="with --quantize: measure the step-0 KL even for a model above 1B parameters, where it is "
+                        "skipped by default (it holds two float32 copies of the model)")
     _dist_args(q)
     q.set_defaults(func=_cmd_init)
 
@@ -255,7 +261,7 @@ def _cmd_init(args: argparse.Namespace) -> int:
     summary = run_init(args.model, args.out, spec, backend=args.backend, device=args.device,
                        force=args.force, progress=not args.no_progress, svd_batch=args.svd_batch,
                        quantize=scheme, quant_iters=quant_iters, group=group,
-                       measure=None if args.no_kl else stepzero.measure_init)
+                       measure=None if args.no_kl else functools.partial(stepzero.measure_init, force=args.kl))
     if group.rank != 0:
         return 0
     if summary.quant_table:

@@ -33,10 +33,23 @@ GPU_MEM = {"H100 80 GB": 80e9, "H200 141 GB": 141e9}
 
 def params(model: str) -> tuple[int, int]:
     """(all parameters, adapter parameters at RANK on all seven linear kinds)."""
-    hidden, inter, layers, heads, kv, hd, vocab = MODELS[model]
-    shapes = target_shapes(model).values()
+    return params_of(MODELS[model], qkv_bias=model.startswith("Qwen"))
+
+
+def shapes_of(dims: tuple[int, ...]) -> dict[str, tuple[int, int]]:
+    """[out, in] of the seven target kinds of one block, for dims (hidden, inter, layers, heads,
+    kv heads, head dim, vocab)."""
+    hidden, inter, _, heads, kv, hd, _ = dims
+    return {"q_proj": (heads * hd, hidden), "k_proj": (kv * hd, hidden), "v_proj": (kv * hd, hidden),
+            "o_proj": (hidden, heads * hd), "gate_proj": (inter, hidden), "up_proj": (inter, hidden),
+            "down_proj": (hidden, inter)}
+
+
+def params_of(dims: tuple[int, ...], qkv_bias: bool = False) -> tuple[int, int]:
+    hidden, inter, layers, heads, kv, hd, vocab = dims
+    shapes = shapes_of(dims).values()
     block = sum(m * n for m, n in shapes) + 2 * hidden
-    if model.startswith("Qwen"):
+    if qkv_bias:
         block += heads * hd + 2 * kv * hd    # q, k, v biases
     total = 2 * vocab * hidden + layers * block + hidden  # untied embeddings and head
     return total, layers * sum(RANK * (m + n) for m, n in shapes)
@@ -90,18 +103,26 @@ def _hours(s: float) -> str:
 
 
 def memory(model: str, ranks: int, shard: bool, base_bytes: int = 4) -> float:
-    """Bytes per GPU while training: the frozen base (pissa's torch trainer keeps it in float32:
-    base_bytes 4; 2 if it were bf16), the adapter with its gradient and AdamW's two moments in
-    float32 (16 bytes per parameter), and activations with --grad-checkpointing (every block's
-    bf16 input, one block's full activations by Korthikanti et al. 2022, 34 s h + 5 a s^2 bytes
-    per sequence, and the logits: bf16, their float32 copy and its gradient, 10 bytes per entry).
-    FSDP2 divides the first two by the ranks and adds two blocks gathered whole (one computing,
-    one prefetched)."""
-    hidden, inter, layers, heads, kv, hd, vocab = MODELS[model]
-    total, adapter = params(model)
-    block = sum(m * n for m, n in target_shapes(model).values())
+    """Bytes per GPU while training one of MODELS (memory_of)."""
+    return memory_of(MODELS[model], ranks=ranks, shard=shard, base_bytes=base_bytes,
+                     qkv_bias=model.startswith("Qwen"))
+
+
+def memory_of(dims: tuple[int, ...], seq: int = SEQ, micro: int = MICRO, ranks: int = 1, shard: bool = False,
+              base_bytes: int = 4, qkv_bias: bool = False) -> float:
+    """Bytes per device while training: the frozen base (base_bytes per parameter: 4 under fp32
+    precision, 2 under bf16, where pissa loads the frozen weights in bf16), the adapter with its
+    gradient and AdamW's two moments in float32 (16 bytes per parameter), and activations with
+    --grad-checkpointing (every block's bf16 input, one block's full activations by Korthikanti et
+    al. 2022, 34 s h + 5 a s^2 bytes per sequence, and the logits: bf16, their float32 copy and
+    its gradient, 10 bytes per entry). FSDP2 divides the first two by the ranks and adds two
+    blocks gathered whole (one computing, one prefetched). dims: (hidden, inter, layers, heads,
+    kv heads, head dim, vocab)."""
+    hidden, inter, layers, heads, kv, hd, vocab = dims
+    total, adapter = params_of(dims, qkv_bias)
+    block = sum(m * n for m, n in shapes_of(dims).values())
     weights, state = base_bytes * total, 16 * adapter
-    acts = MICRO * (layers * SEQ * hidden * 2 + SEQ * (34 * hidden + 5 * heads * SEQ) + 10 * SEQ * vocab)
+    acts = micro * (layers * seq * hidden * 2 + seq * (34 * hidden + 5 * heads * seq) + 10 * seq * vocab)
     if shard and ranks > 1:
         return (weights + state) / ranks + 2 * base_bytes * block + acts
     return weights + state + acts

@@ -256,3 +256,33 @@ def test_qpissa_from_bf16_inits_like_numpy_and_trains(scheme, backend, base, tmp
                  "--steps", "2", "--batch-size", "2", "--max-seq-len", "128", "--no-progress",
                  "--backend", backend]) == 0
     assert load_adapter(tmp_path / "run" / "adapter").factors
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+def test_init_stores_in_the_inputs_dtype_by_default(dtype, tmp_path):
+    """Without --dtype, a bf16 model gives a bf16 residual (and adapter), float16 gives float16 and
+    float32 float32: a bf16 Llama-3-8B used to become a 32 GB folder instead of 16 GB."""
+    src = write_tiny_llama(tmp_path / "src", dtype=dtype)
+    for kind in ("lora", "mora"):
+        out = tmp_path / kind
+        assert main(["init", str(src), "--out", str(out), "--rank", "4", "--kind", kind, "--no-progress"]) == 0
+        stored = SafetensorsFile(out / "model.safetensors")
+        code = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}[dtype]
+        assert {stored.dtype(n) for n in stored.keys()} == {code}
+        adapter = load_adapter(out / "pissa_init")
+        assert adapter.spec.dtype == dtype and {p.dtype.name for ps in adapter.factors.values() for p in ps} == {dtype}
+        assert json.loads((out / "config.json").read_text())["dtype"] == dtype
+    # an explicit --dtype still wins
+    out = tmp_path / "explicit"
+    assert main(["init", str(src), "--out", str(out), "--rank", "4", "--dtype", "float32", "--no-progress"]) == 0
+    assert load_adapter(out / "pissa_init").spec.dtype == "float32"
+
+
+def test_a_dequantised_input_is_stored_in_bf16_by_default(tmp_path):
+    """GGUF Q4_1 (SmolLM2), and an MLX-quantised folder: read dequantised, written in bfloat16."""
+    assert open_model("smollm2-135m").storage_dtype == "bfloat16"
+    src = write_tiny_llama(tmp_path / "src")
+    qformat_dir = tmp_path / "affine"
+    assert main(["init", str(src), "--out", str(qformat_dir), "--rank", "4", "--quantize", "affine4", "--group-size",
+                 "32", "--quant-iters", "1", "--no-kl", "--dtype", "float32", "--no-progress"]) == 0
+    assert open_model(str(qformat_dir)).storage_dtype == "bfloat16"

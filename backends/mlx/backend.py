@@ -79,18 +79,26 @@ def accelerator(dev: mx.Device) -> tuple[bool, bool]:
 # ---------------------------------------------------------------------- models and layers
 def load_base(model_dir: str | Path, device: mx.Device | None = None, precision: str = "fp32") -> nn.Module:
     """The folder's model, built by mlx-lm (mlx_lm.utils.load_model), without an adapter; its
-    floating-point weights (a quantised layer's scales and biases too) in the precision's dtype.
+    floating-point weights in the precision's dtype, cast lazily tensor by tensor as they load (a
+    bf16 checkpoint under bf16 precision is never upcast). A quantised layer (a QPiSSA residual)
+    keeps its storage: its codes, scales and biases stay as written.
 
     Raises:
         PissaError: a folder that is not a model mlx-lm reads.
     """
+    from mlx.utils import tree_flatten, tree_unflatten
     from mlx_lm.utils import load_model
 
     try:
-        model, _ = load_model(Path(model_dir))
+        model, _ = load_model(Path(model_dir), lazy=True)
     except (FileNotFoundError, ValueError) as e:
         raise PissaError(f"mlx-lm cannot load {model_dir} ({e})") from None
-    model.set_dtype(_DTYPES[precision])
+    dtype = _DTYPES[precision]
+    quantized = {path for path, m in model.named_modules() if isinstance(m, nn.QuantizedLinear)}
+    cast = [(k, v.astype(dtype)) for k, v in tree_flatten(model.parameters())
+            if mx.issubdtype(v.dtype, mx.floating) and v.dtype != dtype and k.rpartition(".")[0] not in quantized]
+    model.update(tree_unflatten(cast))
+    mx.eval(model.parameters())
     return model
 
 

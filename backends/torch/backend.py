@@ -91,9 +91,13 @@ def _device_of(model: nn.Module) -> torch.device:
 
 # ---------------------------------------------------------------------- models and layers
 def load_base(model_dir: str | Path, device: torch.device | None = None, precision: str = "fp32") -> nn.Module:
-    """The folder's transformers model (pissa_torch.quantized.load_base: plain, nf4 or affine), in
-    float32 on `device`; under bf16 or fp16 precision autocast runs its matmuls in that dtype."""
-    return quantized.load_base(model_dir, dtype=torch.float32, device=device)
+    """The folder's transformers model (pissa_torch.quantized.load_base: plain, nf4 or affine) on
+    `device`, its weights loaded straight into the precision's dtype (transformers casts tensor by
+    tensor, so a bf16 checkpoint under bf16 precision is never upcast): bfloat16 or float16 frozen
+    weights under bf16 or fp16 precision, as PEFT users load a model. A quantised residual keeps
+    its storage. The adapter's parameters are float32 master weights whatever this dtype
+    (from_numpy), and autocast runs the matmuls in the precision's dtype."""
+    return quantized.load_base(model_dir, dtype=_DTYPES[precision], device=device)
 
 
 def targets(model: nn.Module, spec) -> dict[str, nn.Module]:

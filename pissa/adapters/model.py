@@ -4,6 +4,7 @@ pissa_mlx expose them bound to themselves (`pissa_torch.apply(model, spec)`)."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Collection
 
 from pissa.adapters.adapter import Adapter, check_fits
@@ -45,6 +46,8 @@ def apply(backend, model: Any, spec: AdapterSpec, adapter: Adapter | None = None
             fit the model (every missing module and shape mismatch listed at once).
     """
     be = backend
+    if spec.dtype is None:
+        spec = dataclasses.replace(spec, dtype="float32")
     if any(True for _ in be.adapter_layers(model)):
         raise PissaError("this model already has PiSSA layers (adapters of pissa's kinds); load a fresh model "
                          "to apply another adapter, or fuse the present ones first")

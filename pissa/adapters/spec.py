@@ -76,7 +76,9 @@ class AdapterSpec:
         niter: power iterations of the randomised SVD (>= 0).
         oversampling: extra columns of the randomised SVD's test matrix (>= 0).
         seed: seeds the core's numpy Generator that draws every random matrix.
-        dtype: storage dtype of the adapter and the residual model.
+        dtype: storage dtype of the adapter and the residual model; None (pissa init's default)
+            is the input model's own (pissa.files.loaders: ModelSource.storage_dtype), and means
+            float32 where there is no input model to follow (apply() on a model in memory).
         compute_dtype: dtype of the decomposition; float64 makes every backend agree.
         dropout: dropout on the adapter's input in training (PEFT's lora_dropout), in [0, 1).
         options: the kind's own options (the kind's OPTIONS: MoRA's "mora_type"); the others
@@ -95,7 +97,7 @@ class AdapterSpec:
     niter: int = 4
     oversampling: int = 8
     seed: int = 0
-    dtype: str = "float32"
+    dtype: str | None = "float32"
     compute_dtype: str = "float64"
     dropout: float = 0.0
     options: Mapping[str, Any] = field(default_factory=dict)
@@ -134,7 +136,7 @@ class AdapterSpec:
         _check_int("niter", self.niter, minimum=0)
         _check_int("oversampling", self.oversampling, minimum=0)
         _check_int("seed", self.seed, minimum=0)
-        if self.dtype not in STORAGE_DTYPES:
+        if self.dtype is not None and self.dtype not in STORAGE_DTYPES:
             raise PissaError(f"unknown storage dtype {self.dtype!r}; choose one of {', '.join(STORAGE_DTYPES)}")
         if self.compute_dtype not in COMPUTE_DTYPES:
             raise PissaError(

@@ -10,6 +10,7 @@ at its starting point.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import sys
 import time
@@ -25,6 +26,7 @@ from pissa.files.formats import hf
 from pissa.adapters.adapter import Adapter, fingerprint
 from pissa.files.formats.peft import save_adapter
 from pissa.files.formats import quantized as qformat
+from pissa.files.formats.safetensors import is_float
 from pissa.numeric.dtypes import np_dtype
 from pissa.files.layouts import base_model_info
 from pissa.files.loaders import open_model
@@ -115,17 +117,19 @@ class Job:
     def __init__(self, model: str, out: Path, spec: AdapterSpec, backend: str, device: str | None, force: bool,
                  svd_batch: int | None, quantize: QuantScheme | None, quant_iters: int, measure=None):
         hf.check_out_dir(out, force)
-        self.model, self.out, self.spec, self.backend = model, out, spec, backend
         self.quantize, self.quant_iters, self.measure = quantize, quant_iters, measure
         self.source = source = open_model(model)
+        if spec.dtype is None:  # the source's storage dtype (bfloat16 for a dequantised input)
+            spec = dataclasses.replace(spec, dtype=source.storage_dtype)
+        self.model, self.out, self.spec, self.backend = model, out, spec, backend
         self.layout = source.layout.for_writing()  # GPT-2's Conv1D weights are stored [in, out]
         self.shapes = shapes = self.source.shapes()
         self.targets = targets = set(spec.resolve(shapes))
         self.ops = get_ops(backend, device)
         self.dtype = np_dtype(spec.dtype)
         if spec.kind == "full" and source.layout.conv1d:  # its trained "adapter" is the stored [in, out] weight
-            raise PissaError(f"--init full does not support {source.layout.model_type}'s Conv1D layers yet; use "
-                             "--init pissa, pissa-fast, lora or mora")
+            raise PissaError(f"--kind full does not support {source.layout.model_type}'s Conv1D layers yet; use "
+                             "--kind lora, dora or mora")
         if quantize is not None:
             if quant_iters < 1:
                 raise PissaError(f"--quant-iters {quant_iters} is not allowed; give 1 or more (5 is the paper's)")
@@ -160,13 +164,20 @@ class Job:
                     disable=not progress, file=sys.stderr)
 
     def run(self, step: list[str], writer, bar) -> None:
-        """Read, decompose (or copy) and write one step's tensors, keeping their factors."""
+        """Read, decompose (or copy) and write one step's tensors, keeping their factors.
+
+        Only a decomposition reads its weights into memory as float32. A tensor that passes
+        through (a non-target, or a target whose init leaves the base alone: LoRA's init, MoRA,
+        full fine-tuning) goes from the input's memory map to the output in chunks (the writer
+        casts each), so no whole copy of it exists: an init's memory follows the matrices it
+        decomposes, not the largest tensor (an embedding) it copies."""
         spec, targets, quantize = self.spec, self.targets, self.quantize
-        arrays = [self.source.get(name) for name in step]
-        if not np.issubdtype(arrays[0].dtype, np.floating):
+        modules = [name[: -len(".weight")] for name in step]
+        computes = modules[0] in targets and (quantize is not None or self.kind.changes_base(spec))
+        arrays = [self.source.get(name) if computes else self.source.stored(name) for name in step]
+        if not is_float(arrays[0].dtype):
             raise PissaError(f"{step[0]} has dtype {arrays[0].dtype}; "
                              "pissa handles models whose tensors are all floating point")
-        modules = [name[: -len(".weight")] for name in step]
         if modules[0] in targets and quantize is not None:
             qf = self.kind.init_quantized(arrays[0], modules[0], spec, self.ops, quantize, self.quant_iters)
             self.factors[modules[0]] = (qf.A, qf.B)
@@ -179,11 +190,12 @@ class Job:
             for name, module, result in zip(step, modules, self.kind.init(arrays, modules, spec, self.ops)):
                 self.factors[module] = result.params
                 if self.kind.EMPTY_INIT:
-                    self.digests[module] = (np.frombuffer(hashlib.sha256(result.base.tobytes()).digest(), np.uint8),)
+                    self.digests[module] = (np.frombuffer(_sha256(result.base), np.uint8),)
                 writer.write(name, result.base)
             bar.update(len(step))
         else:
-            writer.write(step[0], np.asarray(arrays[0]).astype(self.dtype))
+            writer.write(step[0], arrays[0])  # cast to the storage dtype by the writer, chunk by chunk
+        self.source.release()
 
     def finish(self, tmp: Path) -> None:
         """Everything but the weights: config.json, quant_report.json, generation config,
@@ -227,6 +239,11 @@ class Job:
         return InitSummary(len(self.factors), trainable, seconds, peak_mib, self.out,
                            quant_table=table(self.report) if self.report else None, verb=verb, ranks=self.ranks,
                            kl_line=self.kl_line)
+
+
+def _sha256(x: np.ndarray) -> bytes:
+    """The digest of x's bytes (x.tobytes()) without copying a contiguous x (a memory map)."""
+    return hashlib.sha256(np.ascontiguousarray(x).view(np.uint8).reshape(-1).data).digest()
 
 
 def schedule(shapes: dict[str, tuple[int, ...]], targets: set[str], batch: int) -> list[list[str]]:

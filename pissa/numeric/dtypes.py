@@ -18,3 +18,10 @@ STORAGE = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2"), "bfloat16": n
 def np_dtype(name: str) -> np.dtype:
     """numpy dtype for a storage or compute dtype name ("float32", "bfloat16", "float16", "float64")."""
     return STORAGE[name]
+
+
+def as_dtype(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """x in a storage dtype: x itself when it is stored so already (a memory map stays one: nothing
+    is copied), else its cast through float32, as every cast in pissa goes."""
+    dtype = np.dtype(dtype)
+    return x if x.dtype == dtype else x.astype(np.float32).astype(dtype)

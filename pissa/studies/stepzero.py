@@ -25,6 +25,9 @@ from pissa.studies.evaluate import Session
 from pissa.training.data import pad_id
 
 TOKENS = 1024
+# Above this many parameters `pissa init --quantize` skips the step-0 KL unless --kl asks for it:
+# its two float32 models then take 8 GiB, which a 16 GB laptop running the init cannot spare.
+MAX_PARAMS = 1_000_000_000
 
 
 def reference_folders(model: str, folder: Path, targets: set[str], scheme: quant.QuantScheme,
@@ -87,11 +90,18 @@ def line(kl: dict) -> str:
             f"QPiSSA {kl['qpissa']:.4f}, QLoRA {kl['qlora']:.4f} ({100 * gain:.0f}% lower)")
 
 
-def measure_init(job, folder: Path) -> str:
+def measure_init(job, folder: Path, force: bool = False) -> str:
     """The step-0 KL of a finished QPiSSA init folder (before its rename), added to its
-    quant_report.json: what `pissa init --quantize` passes to pissa.jobs.init.run_init as `measure`."""
+    quant_report.json: what `pissa init --quantize` passes to pissa.jobs.init.run_init as `measure`.
+    Skipped, with a line saying so, for a model of more than MAX_PARAMS parameters unless `force`:
+    the measurement runs the original and the quantised model side by side in float32 (8 bytes
+    per parameter), more than the init itself needs by far, on the laptop QPiSSA is meant to help."""
     from pissa.jobs.init import QUANT_REPORT
 
+    params = sum(int(np.prod(s)) for s in job.shapes.values())
+    if params > MAX_PARAMS and not force:
+        return (f"step-0 KL not measured: the model has {params / 1e9:.1f}B parameters, and the measurement holds two "
+                f"float32 copies of it ({8 * params / 2**30:.0f} GiB); pass --kl to measure it anyway")
     runner = kl_backend(job.backend)
     if runner is None:
         return "step-0 KL not measured: it needs the torch or MLX backend (pip install 'pissa[torch]')"

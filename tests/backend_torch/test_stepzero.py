@@ -72,3 +72,19 @@ def test_no_kl_and_no_tokenizer(tiny_llama, tmp_path, capsys):
     assert "step-0 KL not measured: the model has no tokenizer" in capsys.readouterr().out
     assert np.isfinite(json.loads((tmp_path / "b" / "quant_report.json").read_text())["by_module_type"]["all"][
         "reduction"])
+
+
+def test_a_large_model_skips_the_kl_unless_asked(tiny_chat_base, tmp_path, capsys, monkeypatch):
+    """Above MAX_PARAMS the KL is skipped with one line (it holds two float32 copies of the model);
+    --kl measures it anyway."""
+    from pissa.studies import stepzero
+
+    monkeypatch.setattr(stepzero, "MAX_PARAMS", 1000)
+    args = ["--quantize", "nf4", "--rank", "4", "--quant-iters", "1", "--backend", "torch", "--no-progress"]
+    assert main(["init", str(tiny_chat_base), "--out", str(tmp_path / "a"), *args]) == 0
+    out = capsys.readouterr().out
+    assert "step-0 KL not measured: the model has 0.0B parameters" in out and "pass --kl" in out
+    assert "step0_kl" not in json.loads((tmp_path / "a" / "quant_report.json").read_text())
+    assert main(["init", str(tiny_chat_base), "--out", str(tmp_path / "b"), *args, "--kl"]) == 0
+    assert "QPiSSA" in capsys.readouterr().out
+    assert "step0_kl" in json.loads((tmp_path / "b" / "quant_report.json").read_text())

@@ -23,7 +23,11 @@ class FullLinear(AdapterLinear):
         if W is not None:
             if tuple(W.shape) != tuple(base.weight.shape):
                 raise ValueError(f"weight {tuple(W.shape)} does not fit {tuple(base.weight.shape)}")
-            base.weight = W.astype(base.weight.dtype)
+            base.weight = W
+        if base.weight.dtype not in (mx.float32, mx.float64):
+            # The trained weight is a float32 master weight, as an adapter's parameters are, however
+            # the frozen model is stored (bf16 under bf16 precision); __call__ casts it for the matmul.
+            base.weight = base.weight.astype(mx.float32)
 
     @classmethod
     def from_params(cls, base: nn.Linear, params: tuple[mx.array, ...], spec) -> "FullLinear":
@@ -40,7 +44,8 @@ class FullLinear(AdapterLinear):
         self.base.unfreeze(keys=["weight"], recurse=False)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.base(x)
+        y = x @ self.base.weight.astype(x.dtype).T
+        return y + self.base.bias.astype(x.dtype) if "bias" in self.base else y
 
     def delta(self) -> mx.array:
         return mx.zeros_like(self.base.weight)

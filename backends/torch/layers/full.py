@@ -23,6 +23,10 @@ class FullLinear(AdapterLinear):
         if is_conv1d(base):  # its parameter would be the [in, out] weight, against every file's [out, in]
             raise PissaError("full fine-tuning of transformers' Conv1D layers (GPT-2) is not supported yet")
         super().__init__(base)
+        if base.weight.dtype not in (torch.float32, torch.float64):
+            # The trained weight is a float32 master weight, as an adapter's parameters are, however
+            # the frozen model is stored (bf16 under bf16 precision); forward casts it for the matmul.
+            base.weight = nn.Parameter(base.weight.detach().float(), requires_grad=False)
         if W is not None:
             if tuple(W.shape) != tuple(base.weight.shape):
                 raise ValueError(f"weight {tuple(W.shape)} does not fit {tuple(base.weight.shape)}")
@@ -38,7 +42,8 @@ class FullLinear(AdapterLinear):
         return (self.base.weight,)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base(x)
+        bias = self.base.bias.to(x.dtype) if self.base.bias is not None else None
+        return torch.nn.functional.linear(x, self.base.weight.to(x.dtype), bias)
 
     def delta(self) -> torch.Tensor:
         return torch.zeros_like(self.base.weight)

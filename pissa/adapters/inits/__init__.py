@@ -37,7 +37,7 @@ import numpy as np
 from pissa.adapters.registry import Registry
 from pissa.errors import PissaError
 from pissa.numeric.decompose import residual, stored
-from pissa.numeric.dtypes import np_dtype
+from pissa.numeric.dtypes import as_dtype, np_dtype
 from pissa.numeric.ops import Ops
 from pissa.numeric.qpissa import QFactors, iterate
 from pissa.numeric.quant import QuantScheme
@@ -103,7 +103,7 @@ def decompose_many(Ws: Sequence[np.ndarray], names: Sequence[str], spec, ops: Op
         A, B = ops.to_numpy(A), ops.to_numpy(B)
         S = ops.to_numpy(S) if S is not None else None
     return [Factors(A=stored(A[i], out_dtype), B=stored(B[i], out_dtype),
-                    residual=stored(R[i], out_dtype) if R is not None else stored(Ws[i], out_dtype),
+                    residual=stored(R[i], out_dtype) if R is not None else as_dtype(Ws[i], out_dtype),
                     spectrum=S[i].astype(np.float64) if S is not None else None) for i in range(len(Ws))]
 
 

@@ -19,7 +19,7 @@ import numpy as np
 
 from pissa.adapters.adapter import Start
 from pissa.errors import PissaError
-from pissa.numeric.dtypes import np_dtype
+from pissa.numeric.dtypes import as_dtype, np_dtype
 
 NAME = "full"
 HELP = "full fine-tuning of the target weights"
@@ -63,7 +63,7 @@ def inconsistent(spec, params: tuple[np.ndarray, ...]) -> str | None:
 def init(Ws: Sequence[np.ndarray], names: Sequence[str], spec, ops) -> list[Start]:
     """No parameter is stored: the weights are the base weights (cast to the storage dtype)."""
     dtype = np_dtype(spec.dtype)
-    return [Start((), W.astype(np.float32).astype(dtype)) for W in Ws]
+    return [Start((), as_dtype(W, dtype)) for W in Ws]
 
 
 def merged(spec, params: tuple[np.ndarray, ...], W: np.ndarray) -> np.ndarray:

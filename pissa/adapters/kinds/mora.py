@@ -34,7 +34,7 @@ import numpy as np
 from pissa.adapters.adapter import BASE_MODEL_INFO, Start
 from pissa.adapters.kinds import Option
 from pissa.errors import PissaError
-from pissa.numeric.dtypes import np_dtype
+from pissa.numeric.dtypes import as_dtype, np_dtype
 
 NAME = "mora"
 HELP = "MoRA's square M"
@@ -105,7 +105,7 @@ def inconsistent(spec, params: tuple[np.ndarray, ...]) -> str | None:
 def init(Ws: Sequence[np.ndarray], names: Sequence[str], spec, ops) -> list[Start]:
     """M = 0; the base weights are stored unchanged (cast to the storage dtype)."""
     dtype = np_dtype(spec.dtype)
-    return [Start((np.zeros(shapes(spec, W.shape)[0], dtype),), W.astype(np.float32).astype(dtype)) for W in Ws]
+    return [Start((np.zeros(shapes(spec, W.shape)[0], dtype),), as_dtype(W, dtype)) for W in Ws]
 
 
 # ---------------------------------------------------------------------- the fixed maps

@@ -12,6 +12,7 @@ optional "__metadata__" of str -> str, then the raw little-endian data.
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import struct
 from pathlib import Path
@@ -73,6 +74,11 @@ class SafetensorsFile:
     def dtype(self, name: str) -> str:
         return self._info[name]["dtype"]
 
+    def release(self) -> None:
+        """Drop the file's pages this process has read from its resident memory (the OS keeps them
+        in its page cache): a model read tensor by tensor then never counts whole against it."""
+        release_pages(self._mm)
+
     def get(self, name: str) -> np.ndarray:
         """The tensor as a read-only memory-mapped numpy array (its stored dtype)."""
         if self._mm is None:
@@ -81,6 +87,14 @@ class SafetensorsFile:
         begin, end = info["data_offsets"]
         raw = self._mm[self._start + begin: self._start + end]
         return raw.view(DTYPES[info["dtype"]]).reshape(info["shape"])
+
+
+def release_pages(array: np.memmap | None) -> None:
+    """madvise(MADV_DONTNEED) on a read-only memory map, where the OS has it (Linux, macOS)."""
+    advice = getattr(mmap, "MADV_DONTNEED", None)
+    handle = getattr(array, "_mmap", None)
+    if advice is not None and handle is not None:
+        handle.madvise(advice)
 
 
 def layout(plan: Iterable[tuple[str, np.dtype, tuple[int, ...]]], metadata: Mapping[str, str] | None = None
@@ -105,10 +119,37 @@ def layout(plan: Iterable[tuple[str, np.dtype, tuple[int, ...]]], metadata: Mapp
     return head, [(n, d, shp, len(head) + o) for n, d, shp, o in entries]
 
 
+# How much of a tensor a writer casts and writes at once: a tensor goes to disk without a whole copy
+# of it, so a memory-mapped input stays in the page cache, where the kernel can drop it.
+CHUNK_BYTES = 16 * 1024**2
+
+
+def is_float(dtype: np.dtype) -> bool:
+    """numpy's floating types and ml_dtypes' bfloat16 (which numpy does not count as floating)."""
+    return np.issubdtype(dtype, np.floating) or np.dtype(dtype) == DTYPES["BF16"]
+
+
 def _check(want: tuple[str, np.dtype, tuple[int, ...]], name: str, array: np.ndarray) -> None:
+    """The tensor written is the one declared: its name, its shape, and its dtype or a floating
+    one to cast from."""
     want_name, dtype, shape = want
-    if name != want_name or array.dtype != dtype or tuple(array.shape) != shape:
+    castable = array.dtype == dtype or (is_float(array.dtype) and is_float(dtype))
+    if name != want_name or not castable or tuple(array.shape) != shape:
         raise RuntimeError(f"writer expected {want_name} {dtype} {shape}, got {name} {array.dtype} {array.shape}")
+
+
+def write_chunks(array: np.ndarray, dtype: np.dtype, write) -> None:
+    """write(bytes) for each piece of `array` cast to `dtype`, at most CHUNK_BYTES of either at a
+    time, one piece alive at once (a float cast goes through float32, as every cast in pissa does,
+    so the values are those of a whole-array cast)."""
+    flat = np.asarray(array).reshape(-1)  # a view for a contiguous array, memory-mapped ones included
+    step = max(1, CHUNK_BYTES // max(flat.dtype.itemsize, np.dtype(dtype).itemsize, 4 if flat.dtype != dtype else 1))
+    for i in range(0, flat.size, step):
+        part = flat[i:i + step]
+        if part.dtype != dtype:
+            part = part.astype(np.float32, copy=False).astype(dtype, copy=False)
+        write(np.ascontiguousarray(part).view(np.uint8).data)
+        del part
 
 
 class StreamWriter:
@@ -130,8 +171,10 @@ class StreamWriter:
         self._next = 0
 
     def write(self, name: str, array: np.ndarray) -> None:
-        _check(self._order[self._next], name, array)
-        self._f.write(np.ascontiguousarray(array).tobytes())
+        """Write the next declared tensor, cast to its declared dtype chunk by chunk."""
+        want = self._order[self._next]
+        _check(want, name, array)
+        write_chunks(array, want[1], self._f.write)
         self._next += 1
 
     def close(self) -> None:
@@ -165,10 +208,15 @@ class PlacedFile:
     def write(self, name: str, array: np.ndarray) -> None:
         want, offset = self._where[name]
         _check(want, name, array)
-        data = memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
-        while len(data):  # pwrite may write less than asked (Linux: at most about 2 GiB per call)
-            n = os.pwrite(self._fd, data, offset)
-            data, offset = data[n:], offset + n
+        at = [offset]
+
+        def pwrite(part) -> None:
+            data = memoryview(part)
+            while len(data):  # pwrite may write less than asked (Linux: at most about 2 GiB per call)
+                n = os.pwrite(self._fd, data, at[0])
+                data, at[0] = data[n:], at[0] + n
+
+        write_chunks(array, want[1], pwrite)
 
     def close(self) -> None:
         os.close(self._fd)

@@ -32,6 +32,22 @@ class ModelSource(Protocol):
     def get(self, name: str) -> np.ndarray:
         """One tensor: float32 for every floating type (dequantised if stored quantised)."""
 
+    def stored(self, name: str) -> np.ndarray:
+        """One tensor as stored, in our orientation: its stored float dtype and, where the file
+        allows, a memory map of it rather than a copy (what pissa init copies to its output in
+        chunks, so that a tensor passing through never sits whole in the process's memory). A
+        tensor that needs computing (dequantised, or rows reordered) comes as get() gives it."""
+
+    @property
+    def storage_dtype(self) -> str:
+        """The dtype the model's weights are stored in ("float32", "bfloat16", "float16"): that of
+        most of its floating-point elements, or "bfloat16" for a quantised input, which is
+        dequantised on read (what `pissa init` writes by default)."""
+
+    def release(self) -> None:
+        """Drop the input file pages read so far from the process's resident memory (the OS page
+        cache keeps them): pissa init calls it after every tensor."""
+
     def save_tokenizer(self, out_dir: Path) -> list[str]:
         """Write tokenizer files that AutoTokenizer.from_pretrained(out_dir) loads. Returns the names."""
 

@@ -16,13 +16,16 @@ from pathlib import Path
 import numpy as np
 
 from pissa.errors import PissaError
+from pissa.files.formats.safetensors import release_pages
 from pissa.files.layouts import Layout
 from pissa.files.loaders.gguf_archs import ARCHS, Meta, build_config
 from pissa.files.loaders.gguf_archs import hf_name as arch_hf_name
+from pissa.files.loaders.hf import DEQUANTIZED_DTYPE
 
 # The types the embedded SmolLM2 file uses (Q4_1, Q8_0, F32) and the common plain ones. Others
 # (K-quants, IQ types) would need their own dequantisation checks against transformers.
 SUPPORTED = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")
+_FLOAT_TYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}  # GGUF type -> storage dtype
 
 # Tokenizer metadata, under the names transformers' GGUF tokenizer builders read.
 _TOKENIZER_KEYS = {
@@ -120,6 +123,27 @@ class GGUFSource:
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         return {name: tuple(int(d) for d in reversed(t.shape)) for name, t in self._tensors.items()}
+
+    @property
+    def storage_dtype(self) -> str:
+        if any(t.tensor_type.name not in _FLOAT_TYPES for t in self._tensors.values()):
+            return DEQUANTIZED_DTYPE  # quantised tensors are dequantised on read
+        sizes: dict[str, int] = {}
+        for t in self._tensors.values():
+            kind = _FLOAT_TYPES[t.tensor_type.name]
+            sizes[kind] = sizes.get(kind, 0) + int(t.n_elements)
+        return max(sizes, key=sizes.get)
+
+    def release(self) -> None:
+        release_pages(self._reader.data)
+
+    def stored(self, name: str) -> np.ndarray:
+        t = self._tensors[name]
+        reordered = self._arch.permute_qk and name.endswith(("self_attn.q_proj.weight", "self_attn.k_proj.weight"))
+        shifted = self._arch.norm_shift and name.endswith("norm.weight")
+        if t.tensor_type.name in ("F32", "F16") and not (reordered or shifted):
+            return t.data.reshape(tuple(int(d) for d in reversed(t.shape)))  # the file's memory map
+        return self.get(name)
 
     def get(self, name: str) -> np.ndarray:
         from gguf.quants import dequantize

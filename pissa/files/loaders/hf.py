@@ -11,10 +11,13 @@ import numpy as np
 from pissa.files import layouts
 from pissa.errors import PissaError
 from pissa.files.formats import quantized
-from pissa.files.formats.safetensors import SafetensorsFile
+from pissa.files.formats.safetensors import SafetensorsFile, is_float
 
 INDEX = "model.safetensors.index.json"
 _STORED = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}  # safetensors dtype -> storage dtype
+# A quantised input's weights are dequantised on read; pissa init stores them in this dtype by
+# default: the dtype the quantisation libraries compute in, half float32's size.
+DEQUANTIZED_DTYPE = "bfloat16"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json")
 
@@ -112,8 +115,29 @@ class HFSource:
     def shapes(self) -> dict[str, tuple[int, ...]]:
         return dict(self._shapes)
 
+    @property
+    def storage_dtype(self) -> str:
+        if quantized.describe(self.config):
+            return DEQUANTIZED_DTYPE
+        sizes: dict[str, int] = {}
+        for name, f in self._where.items():
+            if f.dtype(name) in _STORED:
+                sizes[_STORED[f.dtype(name)]] = sizes.get(_STORED[f.dtype(name)], 0) + int(np.prod(f.shape(name)))
+        return max(sizes, key=sizes.get) if sizes else "float32"
+
     def get(self, name: str) -> np.ndarray:
         return self.layout.load(name, self._read(self.layout.stored_name(name)))
+
+    def release(self) -> None:
+        for f in set(self._where.values()):
+            f.release()
+
+    def stored(self, name: str) -> np.ndarray:
+        stored_name = self.layout.stored_name(name)
+        raw = self._where[stored_name].get(stored_name) if stored_name in self._where else None
+        if raw is None or not is_float(raw.dtype):  # a quantised weight: its codes are not the tensor
+            return self.get(name)
+        return self.layout.load(name, raw)
 
     def _raw_get(self, name: str) -> np.ndarray:
         a = self._where[name].get(name)

@@ -12,11 +12,12 @@ except ImportError as e:  # pragma: no cover - exercised by tests/test_hygiene.p
 
 from pissa.files.models import verbs as _verbs  # noqa: E402
 from pissa_torch import backend as _backend  # noqa: E402
+from pissa_torch.layers.dora import DoraLinear  # noqa: E402
 from pissa_torch.layers.full import FullLinear  # noqa: E402
 from pissa_torch.layers.lora import PissaLinear  # noqa: E402
 from pissa_torch.layers.mora import MoraLinear  # noqa: E402
 
 globals().update(_verbs(_backend))
 
-__all__ = ["FullLinear", "MoraLinear", "PissaLinear", "adapter_of", "adapter_state_dict", "apply", "load", "merge",
+__all__ = ["DoraLinear", "FullLinear", "MoraLinear", "PissaLinear", "adapter_of", "adapter_state_dict", "apply", "load", "merge",
            "save_adapter", "unmerge"]

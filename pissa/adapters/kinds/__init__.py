@@ -12,6 +12,8 @@ functions per framework), and nothing outside it knows a kind's parameters:
     TENSORS      file names of its parameters, in the order Adapter.factors holds them; the PEFT key
                  of parameter t of module m is "base_model.model.<m>.<t>" + KEY_SUFFIX.get(t, ".weight")
     KEY_SUFFIX   the parameters whose file key does not end in ".weight" (DoRA's magnitude)
+    MLX_LM       (fine_tune_type, {tensor: mlx-lm's leaf name}) of its mlx-lm adapter form, or None
+                 when mlx-lm has no layer for it (pissa.files.formats.mlx_lm)
     RECORDS_SHAPES  whether its adapters record each weight's [out, in] (when the parameters do not
                  give it), as "shapes" in pissa_config.json
     EMPTY_INIT   whether its init stores no parameters (a module without them starts from its base

@@ -27,6 +27,7 @@ LORA_SHAPED = False
 OPTIONS: dict = {}
 TENSORS = ("weight",)
 KEY_SUFFIX: dict[str, str] = {}
+MLX_LM = None  # mlx-lm has no layer for it
 RECORDS_SHAPES = False
 EMPTY_INIT = True
 RANKED = False  # --rank and --alpha do not apply

@@ -26,6 +26,7 @@ LORA_SHAPED = True
 OPTIONS: dict = {}
 TENSORS = ("lora_A", "lora_B")
 KEY_SUFFIX: dict[str, str] = {}
+MLX_LM = ("lora", {"lora_A": "lora_a", "lora_B": "lora_b"})  # fine_tune_type, our tensor -> mlx-lm's name
 RECORDS_SHAPES = False  # pissa_config.json "shapes": [out, in] of each module
 EMPTY_INIT = False
 RANKED = True   # its shapes follow --rank

@@ -45,6 +45,7 @@ OPTIONS = {"mora_type": Option("sharing", tuple(TYPES),
                                "(type 6)")}
 TENSORS = ("lora_A",)
 KEY_SUFFIX: dict[str, str] = {}
+MLX_LM = None  # mlx-lm has no layer for it
 RECORDS_SHAPES = True  # pissa_config.json "shapes": [out, in] of each module
 EMPTY_INIT = False
 RANKED = True   # its shapes follow --rank

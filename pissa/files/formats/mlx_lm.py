@@ -10,6 +10,11 @@ mlx_lm/tuner/lora.py LoRALinear):
   the transposes of PEFT's lora_A [r, in] and lora_B [out, r]; LoRALinear computes
   y = x W^T + scale * (x @ lora_a) @ lora_b, so `scale` is PEFT's alpha / r (or alpha / sqrt(r)).
 
+DoRA (mlx_lm/tuner/dora.py DoRALinear): fine_tune_type "dora", and beside lora_a / lora_b the
+magnitude "<module path>.m" [out]. A kind says its mlx-lm form in MLX_LM (fine_tune_type, our tensor
+name -> mlx-lm's leaf name), or None when mlx-lm has no layer for it. Matrices are stored transposed
+(x @ lora_a), vectors as they are.
+
 We always write num_layers -1: a block whose module carries no weights in the file keeps the
 LoRALinear's lora_b at zeros, so it adds exactly nothing, and an adapter on some blocks only
 (e.g. a regex over layer indices) still lands on the right ones.
@@ -44,31 +49,44 @@ def _key(module: str) -> str:
     return m.group(2) if m else module
 
 
+def form(kind) -> tuple[str, dict[str, str]] | None:
+    """(fine_tune_type, {our tensor name: mlx-lm's}) of an adapter kind (pissa.adapters.kinds), or
+    None when mlx-lm has no layer for it."""
+    return kind.MLX_LM
+
+
 def save_mlx_adapter(folder: str | Path, adapter: Adapter) -> None:
-    """Write `adapter` (a plain LoRA, e.g. the rank-2r result of pissa convert) as mlx-lm files
-    into `folder` (which must exist), for `mlx_lm.load(BASE, adapter_path=folder)` or
-    `mlx_lm.generate --model BASE --adapter-path folder` on the ORIGINAL base model.
+    """Write `adapter` as mlx-lm files into `folder` (which must exist): a plain LoRA (e.g. the
+    rank-2r result of pissa convert) for `mlx_lm.load(BASE, adapter_path=folder)` or
+    `mlx_lm.generate --model BASE --adapter-path folder` on the ORIGINAL base model; a kind with
+    its own mlx-lm form (DoRA) for the model it was trained on (the pissa init folder).
 
     Module paths are turned into mlx-lm's: the same for Llama-family models; for GPT-2, whose
     adapters record model_type, "transformer.h.N" becomes mlx-lm's "model.h.N" (pissa.files.layouts).
     An adapter_config.json already in `folder` (PEFT's) gets mlx-lm's fields added, not replaced.
 
     Raises:
-        PissaError: when the adapter is empty.
+        PissaError: when the adapter is empty, or of a kind mlx-lm has no layer for.
     """
     folder = Path(folder)
     if not adapter.factors:
         raise PissaError("the adapter has no modules; nothing to export for mlx-lm")
+    kind = adapter.spec.kind_module
+    if form(kind) is None:
+        raise PissaError(f"mlx-lm has no layer for a {kind.NAME} adapter; merge it into the model instead: "
+                         "pissa merge MODEL_DIR --adapter ADAPTER --out MERGED")
+    fine_tune_type, names = form(kind)
     tensors: dict[str, np.ndarray] = {}
     model_type = adapter.info.get("model_type")
-    for module, (A, B) in adapter.factors.items():
+    for module, params in adapter.factors.items():
         module = mlx_lm_path(model_type, module)
-        tensors[f"{module}.lora_a"] = np.ascontiguousarray(A.T)   # PEFT A [r, in]  -> lora_a [in, r]
-        tensors[f"{module}.lora_b"] = np.ascontiguousarray(B.T)   # PEFT B [out, r] -> lora_b [r, out]
+        for name, p in zip(kind.TENSORS, params):
+            # PEFT A [r, in] -> lora_a [in, r], B [out, r] -> lora_b [r, out]; DoRA's m [out] as it is
+            tensors[f"{module}.{names[name]}"] = np.ascontiguousarray(p.T if p.ndim == 2 else p)
     safetensors.save(folder / WEIGHTS, tensors, metadata={"format": "mlx"})
     spec = adapter.spec
     cfg: dict = {
-        "fine_tune_type": "lora",
+        "fine_tune_type": fine_tune_type,
         "num_layers": -1,
         "lora_parameters": {
             "rank": spec.rank,

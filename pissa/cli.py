@@ -119,8 +119,15 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--backend", default="auto", help="torch or mlx (default: mlx on Apple silicon, else torch)")
     t.add_argument("--device", default=None, help="torch device (default: cuda when available)")
     t.add_argument("--adapter", default=None, help="start from this adapter instead of MODEL_DIR/pissa_init")
-    t.add_argument("--steps", type=_positive_int, default=100, help="optimizer steps (default 100)")
-    t.add_argument("--batch-size", type=_positive_int, default=4, help="sequences per micro-batch (default 4)")
+    t.add_argument("--steps", type=_positive_int, default=None,
+                   help="optimizer steps (default: --epochs' worth, else 100); wins over --epochs")
+    t.add_argument("--epochs", type=_positive_int, default=None, help="whole passes over the data")
+    t.add_argument("--batch-size", type=_positive_int, default=4,
+                   help="rows per micro-batch (default 4); with packing a row holds as many records as fit in "
+                        "--max-seq-len tokens")
+    t.add_argument("--packing", action=argparse.BooleanOptionalAction, default=True,
+                   help="pack records into rows of --max-seq-len tokens, each attending only to itself (default); "
+                        "--no-packing pads one record per row")
     t.add_argument("--grad-accum", type=_positive_int, default=1, help="micro-batches per step (default 1)")
     t.add_argument("--lr", type=_number, default=1e-4, help="peak learning rate (default 1e-4)")
     t.add_argument("--warmup-ratio", type=_number, default=0.03, help="warmup fraction of steps (default 0.03)")
@@ -133,7 +140,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "for pissa init's)")
     t.add_argument("--eval-every", type=_non_negative_int, default=0, help="eval every N steps (default: at the end)")
     t.add_argument("--save-every", type=_non_negative_int, default=0,
-                   help="checkpoint every N steps (default: at the end)")
+                   help="checkpoint every N steps (default: none; RUN_DIR/adapter holds the result)")
+    t.add_argument("--save-at", default=None, metavar="STEPS",
+                   help="comma-separated steps to checkpoint as well, e.g. 20,60")
+    t.add_argument("--keep-checkpoints", type=_non_negative_int, default=2,
+                   help="keep the newest N checkpoints, deleting older ones once a newer one is written "
+                        "(default 2; 0 keeps every one)")
     t.add_argument("--precision", default="auto", help="auto, fp32, bf16 or fp16 (auto: bf16 on CUDA, else fp32)")
     t.add_argument("--grad-checkpointing", action="store_true", help="recompute activations to save memory")
     t.add_argument("--shard", action="store_true",
@@ -167,7 +179,11 @@ def build_parser() -> argparse.ArgumentParser:
     _inference_args(e)
     e.add_argument("--data", required=True, help="eval data, .jsonl (prompt/completion or messages)")
     e.add_argument("--limit", type=_positive_int, default=None, help="only the first N records")
-    e.add_argument("--batch-size", type=_positive_int, default=16, help="sequences per batch (default 16)")
+    e.add_argument("--batch-size", type=_positive_int, default=16,
+                   help="rows per batch (default 16); with packing a row holds several records")
+    e.add_argument("--packing", action=argparse.BooleanOptionalAction, default=True,
+                   help="pack the records into rows of 512 tokens for the loss (default; the same loss, no "
+                        "compute on padding)")
     e.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     e.set_defaults(func=_cmd_eval)
 
@@ -197,6 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--probe-limit", type=_non_negative_int, default=None,
                    help="probe questions measured (default: all)")
     k.add_argument("--backend", default="auto", help="torch or mlx (default: mlx on Apple silicon, else torch)")
+    k.add_argument("--keep-checkpoints", action="store_true",
+                   help="keep each run's checkpoints (by default deleted once measured)")
     k.add_argument("--force", action="store_true", help="start over in a non-empty --out")
     k.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     k.set_defaults(func=_cmd_compare)
@@ -297,11 +315,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     backend = _training_backend(args.backend)
     model_dir = init_folder(args.model_dir)  # a Hub id only when its model holds pissa_init/
-    cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
+    cfg = TrainConfig(steps=args.steps, epochs=args.epochs, packing=args.packing, batch_size=args.batch_size,
+                      grad_accum=args.grad_accum, lr=args.lr,
                       warmup_ratio=args.warmup_ratio, weight_decay=args.weight_decay,
                       max_grad_norm=args.max_grad_norm, max_seq_len=args.max_seq_len, seed=args.seed,
-                      eval_every=args.eval_every, save_every=args.save_every, precision=args.precision,
-                      grad_checkpointing=args.grad_checkpointing)
+                      eval_every=args.eval_every, save_every=args.save_every,
+                      save_at=_numbers(args.save_at, int, "save-at") or (), keep_checkpoints=args.keep_checkpoints,
+                      precision=args.precision, grad_checkpointing=args.grad_checkpointing)
     group = dist.current(args.dist_timeout)
     s = train(backend, model_dir, args.data, args.out, cfg, eval_data=args.eval_data, adapter=args.adapter,
               device=args.device, resume=args.resume, force=args.force, progress=not args.no_progress,
@@ -350,7 +370,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     r = evaluate(_training_backend(args.backend), args.model_dir, args.data, adapter=args.adapter,
                  device=args.device, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                 limit=args.limit, progress=not args.no_progress)
+                 limit=args.limit, progress=not args.no_progress, packing=args.packing)
     print(f"pissa eval: exact match {r['accuracy']:.1%} ({round(r['accuracy'] * r['n'])}/{r['n']}), "
           f"loss {r['loss']:.4f}")
     for ex in r["examples"]:
@@ -395,7 +415,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     if not (model and data and eval_data):
         raise PissaError("pissa compare needs MODEL, --data and --eval-data (or --preset smollm2)")
     report = run_compare(model, data, eval_data, args.out, Grid(**fields), backend=_training_backend(args.backend),
-                         force=args.force, progress=not args.no_progress)
+                         force=args.force, progress=not args.no_progress, keep_checkpoints=args.keep_checkpoints)
     print(f"pissa compare: report in {report}")
     return 0
 

@@ -206,3 +206,17 @@ def tiny_mora(tiny_chat_base) -> dict[str, Path]:
 
 
 DATA = Path(__file__).resolve().parent.parent / "data" / "arith"
+
+
+def hf_logits(folder, ids, adapter=None):
+    """transformers' float32 logits of a model folder (with a PEFT adapter on it, if given)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter)
+    with torch.no_grad():
+        return model.eval()(torch.tensor(ids)).logits.numpy()

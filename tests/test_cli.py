@@ -193,7 +193,8 @@ def test_a_model_without_a_tokenizer_is_one_line(command, backend, init_without_
 
 # Integer options where 0 means "none" or "off"; every other integer option must be >= 1.
 NON_NEGATIVE = {("init", "--niter"), ("init", "--oversampling"), ("init", "--seed"),
-                ("train", "--seed"), ("train", "--eval-every"), ("train", "--save-every"), ("compare", "--probe-limit")}
+                ("train", "--seed"), ("train", "--eval-every"), ("train", "--save-every"),
+                ("train", "--keep-checkpoints"), ("compare", "--probe-limit")}
 REQUIRED = {"init": ["m", "--out", "o"], "train": ["m", "--data", "d", "--out", "o"], "eval": ["m", "--data", "d"],
             "generate": ["m", "--prompt", "p"], "merge": ["m", "--adapter", "a", "--out", "o"],
             "convert": ["--initial", "i", "--trained", "t", "--out", "o"], "compare": ["m", "--out", "o"]}

@@ -27,8 +27,25 @@ def compare(model, out, *extra, backend="torch") -> int:
 @pytest.fixture(scope="module")
 def grid(tiny_chat_base, tmp_path_factory):
     out = tmp_path_factory.mktemp("compare") / "out"
-    assert compare(tiny_chat_base, out) == 0
+    assert compare(tiny_chat_base, out, "--keep-checkpoints") == 0  # the tests below merge them
     return out
+
+
+@pytest.mark.slow
+def test_the_new_methods_run_and_measured_checkpoints_go(tiny_chat_base, tmp_path):
+    """DoRA, OLoRA and MiLoRA through a small pissa compare; each run's checkpoints are deleted once
+    measured (a sweep used to keep them all: 17 GB for the smollm2 preset), its spectrum stays."""
+    out = tmp_path / "out"
+    assert main(["compare", str(tiny_chat_base), "--data", str(DATA / "train.jsonl"), "--eval-data",
+                 str(DATA / "eval.jsonl"), "--out", str(out), "--methods", "dora,olora,milora", "--lrs", "1e-2",
+                 "--ranks", "4", "--steps", "2", "--eval-at", "2", "--eval-limit", "2", "--general-tokens", "100",
+                 "--probe-limit", "4", "--max-seq-len", "96", "--batch-size", "2", "--no-progress"]) == 0
+    got = rows(out)
+    assert {r["method"] for r in got if r["step"] == 2 and "target_loss" in r} == {"dora", "olora", "milora"}
+    for run in (out / "runs").iterdir():
+        if run.is_dir():
+            assert not (run / "checkpoints").exists() and (run / "spectrum.json").is_file(), run
+    assert "## Rank of the weight change" in (out / "report.md").read_text()
 
 
 def rows(out):

@@ -222,7 +222,7 @@ def test_torch_apply_merge_and_fuse_on_conv1d(gpt2, inits):
 
 # ------------------------------------------------------------------ what pissa refuses
 @pytest.mark.parametrize("args, words", [(["--quantize", "nf4"], "--quantize does not support gpt2's Conv1D"),
-                                         (["--init", "full"], "--init full does not support gpt2's Conv1D")])
+                                         (["--init", "full"], "--kind full does not support gpt2's Conv1D")])
 def test_quantize_and_full_refuse_conv1d_before_writing(args, words, gpt2, tmp_path, capsys):
     assert main(["init", str(gpt2["hub"]), "--out", str(tmp_path / "q"), "--rank", "4", *args]) == 2
     err = capsys.readouterr().err.strip()

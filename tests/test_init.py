@@ -12,20 +12,7 @@ from pissa.files.formats.peft import load_adapter
 from pissa.files.formats.safetensors import SafetensorsFile
 from pissa.jobs.init import ADAPTER_DIR, run_init
 from pissa.adapters.spec import AdapterSpec
-from tests.conftest import PROMPT_IDS, rel_max_diff, write_tiny_llama
-
-
-def hf_logits(folder, ids, adapter=None):
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-    if adapter is not None:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, adapter)
-    with torch.no_grad():
-        return model.eval()(torch.tensor(ids)).logits.numpy()
+from tests.conftest import PROMPT_IDS, hf_logits, rel_max_diff, write_tiny_llama
 
 
 def test_tiny_model_round_trip_through_transformers_and_peft(tiny_llama, tmp_path):

@@ -203,17 +203,7 @@ def test_milora_matches_numpy_float64_on_smollm2(smollm2_matrices):
 
 
 # ---------------------------------------------------------------- pissa init, end to end
-def hf_logits(folder, ids, adapter=None):
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-    if adapter is not None:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, adapter)
-    with torch.no_grad():
-        return model.eval()(torch.tensor(ids)).logits.numpy()
+from tests.conftest import hf_logits  # noqa: E402
 
 
 @pytest.mark.slow

@@ -226,7 +226,7 @@ def test_init_writes_the_unchanged_model_and_a_zero_m(tiny_llama, tmp_path, caps
 
 @pytest.mark.parametrize("argv, message", [
     (["--mora-type", "diagonal"], "argument --mora-type: invalid choice: 'diagonal'"),
-    (["--quantize", "nf4"], "--quantize needs --kind lora and an init that takes the principal part"),
+    (["--quantize", "nf4"], "--quantize needs --kind lora (QPiSSA quantises the residual of PEFT's A and B), not --kind mora"),
 ])
 def test_init_bad_input(tiny_llama, tmp_path, capsys, argv, message):
     out = tmp_path / "mora"

@@ -139,7 +139,7 @@ def smollm2_nf4(tmp_path_factory):
     # torch's nf4 (bitsandbytes) is bit-identical to the numpy reference (tests/backend_torch) and
     # its SVDs are faster here: 31 s against 44 s for the 210 matrices.
     backend = "torch" if "torch" in BACKENDS else "numpy"
-    proc = run("init", "smollm2-135m", "--out", str(out), "--quantize", "nf4", "--init", "pissa-fast",
+    proc = run("init", "smollm2-135m", "--out", str(out), "--dtype", "float32", "--quantize", "nf4", "--init", "pissa-fast",
                "--rank", "16", "--quant-iters", "1", "--compute-dtype", "float32", "--backend", backend, "--no-progress", "--no-kl")
     assert proc.returncode == 0, proc.stderr
     return out, proc.stdout

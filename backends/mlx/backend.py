@@ -30,6 +30,7 @@ launcher = "mlx.launch"
 shards = False  # MLX trains data-parallel (mlx.nn.average_gradients), as mlx-lm does
 qpissa_scheme = "affine4"  # MLX has no NF4
 PAD_MULTIPLE = 32  # mx.compile traces once per input shape; rounding the width keeps shapes few
+PICK_MULTIPLE = 128  # and the count of labelled positions too (picks_size)
 _DTYPES = {"fp32": mx.float32, "bf16": mx.bfloat16, "fp16": mx.float16}
 
 
@@ -154,34 +155,75 @@ def freeze(model: nn.Module) -> None:
 
 
 # ---------------------------------------------------------------------- forward passes
-def to_arrays(batch: dict[str, np.ndarray], pad: int, max_len: int = 0) -> tuple[mx.array, mx.array]:
-    """(input_ids, labels) right-padded to a multiple of PAD_MULTIPLE (at most max(max_len, width)
-    when max_len is given) so that mx.compile sees few distinct shapes. The extra pads change
-    nothing: they come after every real token and carry no label."""
+def unpackable(model_dir) -> str | None:
+    """None for the mlx-lm architectures pissa_mlx.packing runs packed rows of exactly (Llama and
+    Mistral, Qwen2, Qwen3, Gemma 2, Gemma 3 text, Phi-3, GPT-2), else why not."""
+    from pissa_mlx.packing import unpackable as reason
+
+    return reason(model_dir)
+
+
+def picks_size(n: int) -> int:
+    """The padded count of labelled positions a batch carries: n rounded up to an eighth of its
+    power of two (at least PICK_MULTIPLE), so that mx.compile sees few shapes (8 an octave) and
+    at most 1/8 of the head's rows are padding."""
+    step = max(PICK_MULTIPLE, (1 << max(n, 1).bit_length() - 1) // 8)
+    return max(step, -(-n // step) * step)
+
+
+def to_arrays(batch: dict[str, np.ndarray], pad: int, max_len: int = 0) -> dict[str, mx.array]:
+    """The arrays pissa_mlx.loss.token_loss_sum reads, from a collated batch
+    (pissa.training.batches.collate_rows): rows right-padded to a multiple of PAD_MULTIPLE (at
+    most max(max_len, width) when max_len is given) so that mx.compile sees few distinct shapes.
+
+    Returns "inputs" [b, t - 1] int32 (a row's last token predicts nothing and is not fed),
+    "picks" [k] (flat indices into [b, t - 1] of the positions whose next token is labelled, k =
+    picks_size(their count), the padding pointing at position 0), "targets" [k] (those next tokens,
+    IGNORE on the padding), and for packed rows "segments" and "positions" [b, t - 1] (-1 and
+    counting on). The extra pads change nothing: they come after every real token and carry no
+    label."""
     width = batch["input_ids"].shape[1]
     target = -(-width // PAD_MULTIPLE) * PAD_MULTIPLE
     if max_len:
         target = min(target, max(max_len, width))
     extra = ((0, 0), (0, target - width))
     ids = np.pad(batch["input_ids"], extra, constant_values=pad)
-    labels = np.pad(batch["labels"], extra, constant_values=IGNORE)
-    return mx.array(ids.astype(np.int32)), mx.array(labels.astype(np.int32))
+    following = np.pad(batch["labels"], extra, constant_values=IGNORE)[:, 1:].reshape(-1)
+    where = np.flatnonzero(following != IGNORE)
+    picks = np.zeros(picks_size(len(where)), dtype=np.int32)
+    targets = np.full(len(picks), IGNORE, dtype=np.int32)
+    picks[:len(where)], targets[:len(where)] = where, following[where]
+    out = {"inputs": mx.array(ids[:, :-1].astype(np.int32)), "picks": mx.array(picks), "targets": mx.array(targets)}
+    if "segment_ids" in batch:
+        positions = batch["position_ids"]
+        more = positions[:, -1:] + 1 + np.arange(target - width)
+        out["segments"] = mx.array(np.pad(batch["segment_ids"], extra, constant_values=-1)[:, :-1].astype(np.int32))
+        out["positions"] = mx.array(np.concatenate([positions, more], axis=1)[:, :-1].astype(np.int32))
+    return out
 
 
 def loss_sum(model: nn.Module, batch: dict[str, np.ndarray], precision: str) -> tuple[float, int]:
-    from pissa_mlx.train import token_loss_sum
+    from pissa_mlx.loss import token_loss_sum
 
-    # Right padding needs no attention mask (pissa_mlx.train.token_loss_sum), and no pad id either.
-    ids, labels = to_arrays(batch, 0)
-    loss, n = token_loss_sum(model, ids, labels)
+    loss, n = token_loss_sum(model, to_arrays(batch, 0), for_grad=False)
     mx.eval(loss, n)
     return loss.item(), n.item()
 
 
 def logits(model: nn.Module, batch: dict[str, np.ndarray], precision: str) -> mx.array:
-    """Batches are right-padded and attention is causal, so no mask is needed: a real token never
-    sees a pad, and pads carry no label. The last position, which predicts nothing, is not fed."""
-    z = model(mx.array(batch["input_ids"][:, :-1].astype(np.int32))).astype(mx.float32)
+    """Unpacked rows are right-padded and attention is causal, so they need no mask: a real token
+    never sees a pad, and pads carry no label. Packed rows (with segment_ids) run with attention
+    kept inside each example (pissa_mlx.packing). The last position, which predicts nothing, is
+    not fed."""
+    from pissa_mlx.packing import head_logits, hidden_states
+
+    ids = mx.array(batch["input_ids"][:, :-1].astype(np.int32))
+    if "segment_ids" in batch:
+        segments, positions = (mx.array(batch[k][:, :-1].astype(np.int32)) for k in ("segment_ids", "position_ids"))
+        z = head_logits(model, hidden_states(model, ids, segments, positions))
+    else:
+        z = model(ids)
+    z = z.astype(mx.float32)
     mx.eval(z)
     return z
 

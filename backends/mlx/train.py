@@ -1,7 +1,7 @@
 """`pissa train --backend mlx`: the framework half of a run, top to bottom.
 
-AdamW, the loss, the compiled micro-step and update, gradient checkpointing, and the five
-framework steps pissa.training.loop asks for: a micro-batch's forward and backward, the clipped
+AdamW, the compiled micro-step (over pissa_mlx.loss) and update, gradient checkpointing, and the
+five framework steps pissa.training.loop asks for: a micro-batch's forward and backward, the clipped
 optimizer step, the eval loss, the adapter now, and the optimizer state for checkpoints.
 Everything else (the launcher, device and precision, the model with its adapter, data,
 tokenisation, schedule, run folder, resume, NaN and Ctrl-C handling, eval and save cadence, the
@@ -18,7 +18,10 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
+import numpy as np
+
 from pissa_mlx import backend
+from pissa_mlx.loss import cross_entropy, token_loss_sum  # noqa: F401  (cross_entropy: as before)
 
 import mlx.core as mx
 import mlx.optimizers as optim
@@ -26,83 +29,41 @@ from mlx import nn
 from mlx.utils import tree_flatten, tree_map
 from pissa.adapters.model import adapter_of
 from pissa.errors import PissaError
-from pissa.training.data import IGNORE
-from pissa.training.evaluation import eval_loss
 from pissa.training.run import TrainConfig, lr_at
 
 OPTIMIZER_FILE = "optimizer.safetensors"
 
 
-@mx.custom_function
-def cross_entropy(logits: mx.array, targets: mx.array) -> tuple[mx.array, mx.array, mx.array]:
-    """-log softmax(logits)[target] per position, in float32, plus exp(logits - max) and its
-    row sums, which only the backward pass reads.
-
-    Why not nn.losses.cross_entropy: its backward takes exp over the logits a second time (the
-    vjp of logsumexp) and scatters the target's -1 into a zero [.., vocab] array. Here the
-    backward reuses the forward's exponentials and subtracts the one-hot in the same fused
-    elementwise pass. With a 49k vocabulary at batch 4 x 256 on the CPU, where MLX's exp is
-    scalar, that halves the loss's time (1.33 s -> 0.71 s) and lowers its peak memory.
-    Differentiate the first output only: the vjp ignores cotangents of the other two."""
-    top = logits.max(axis=-1, keepdims=True)
-    e = mx.exp(logits - top)
-    total = e.sum(axis=-1, keepdims=True)
-    picked = mx.take_along_axis(logits, targets[..., None], axis=-1)
-    return (top + mx.log(total) - picked).squeeze(-1), e, total
-
-
-@cross_entropy.vjp
-def _cross_entropy_vjp(primals, cotangents, outputs):
-    logits, targets = primals
-    g = cotangents[0][..., None]
-    _, e, total = outputs
-    onehot = mx.arange(logits.shape[-1]) == targets[..., None]
-    return e * (g / total) - onehot * g, mx.zeros_like(targets)
-
-
 def token_loss(model: nn.Module, input_ids: mx.array, labels: mx.array) -> tuple[mx.array, mx.array]:
-    """Mean cross-entropy over the label tokens (position t predicts token t+1), and their count."""
-    total, n = token_loss_sum(model, input_ids, labels)
+    """Mean cross-entropy over the label tokens of unpacked rows [b, t] (position t predicts token
+    t+1), and their count; no gradient work (an eval)."""
+    batch = {"input_ids": np.array(input_ids), "labels": np.array(labels)}
+    total, n = token_loss_sum(model, backend.to_arrays(batch, 0), for_grad=False)
     return total / n, n
-
-
-def token_loss_sum(model: nn.Module, input_ids: mx.array, labels: mx.array) -> tuple[mx.array, mx.array]:
-    """Summed cross-entropy over the label tokens (0 for a batch without labels), and their count.
-
-    No attention mask is needed: batches are right-padded and attention is causal, so a real
-    token never sees a pad, and pads carry no label. For the same reason the last position,
-    which predicts nothing, is not fed at all (as mlx-lm does): slicing it off the logits would
-    copy them, and their gradient, once more (+200 MiB at batch 4 x 256 with a 49k vocabulary)."""
-    logits = model(input_ids[:, :-1])
-    if logits.dtype != mx.float32:
-        logits = logits.astype(mx.float32)
-    targets = labels[:, 1:]
-    mask = targets != IGNORE
-    ce = cross_entropy(logits, mx.where(mask, targets, 0))[0] * mask
-    return ce.sum(), mask.sum()
 
 
 def compiled_steps(model: nn.Module, opt: optim.Optimizer, cfg: TrainConfig, group: mx.distributed.Group | None = None):
     """(micro_step, update), both mx.compile'd.
 
-    micro_step(input_ids, labels, weight) -> (sum of token losses, weight * its gradient) for one
-    micro-batch (weight: an mx.array scalar, so one compiled graph serves every batch);
+    micro_step(batch, weight) -> (sum of token losses, weight * its gradient) for one micro-batch
+    (batch: pissa_mlx.backend.to_arrays' arrays, packed or not; weight: an mx.array scalar, so one
+    compiled graph serves every batch of the same shapes);
     update(grads) averages the accumulated gradients over `group`'s ranks (as mlx-lm does, once
     per step), clips them to max_grad_norm and takes an AdamW step.
     They read and update model.state and opt.state in place: never assign opt.state afterwards
     (that replaces the dict they hold). micro_step lists model.state among its outputs too,
     because nn.value_and_grad swaps the trainable arrays into the model while it traces.
     """
-    def weighted(model, input_ids, labels, weight):
-        total, _ = token_loss_sum(model, input_ids, labels)
+    def weighted(model, batch, weight):
+        total, _ = token_loss_sum(model, batch)
         return total * weight, total
 
     loss_and_grad = nn.value_and_grad(model, weighted)
     state = [model.state, mx.random.state]
 
     @functools.partial(mx.compile, inputs=state, outputs=state)
-    def micro_step(input_ids, labels, weight):
-        (_, total), grads = loss_and_grad(model, input_ids, labels, weight)
+    def micro_step(batch, weight):
+        (_, total), grads = loss_and_grad(model, batch, weight)
         return total, grads
 
     @functools.partial(mx.compile, inputs=[model.state, opt.state], outputs=[model.state, opt.state])
@@ -165,8 +126,7 @@ class Trainer:
 
     def __init__(self, run, model: nn.Module, dev: mx.Device, precision: str):
         cfg = run.cfg
-        self.run, self.model, self.precision = run, model, precision
-        mx.random.seed(cfg.seed)  # the dropout masks
+        self.run, self.model, self.precision, self.backend = run, model, precision, backend
         if cfg.grad_checkpointing:
             checkpoint_blocks(model)
         model.train()
@@ -176,11 +136,13 @@ class Trainer:
             restore(self.opt.state, mx.load(str(run.checkpoint / OPTIMIZER_FILE)), run.checkpoint)
         self.micro_step, self.update_step = compiled_steps(model, self.opt, cfg, getattr(run.group, "group", None))
         self.grads = None
+        self.sharded = False
 
-    def forward_backward(self, batch, weight):
-        ids, labels = backend.to_arrays(batch, self.run.pad, self.run.cfg.max_seq_len)
+    def forward_backward(self, batch, weight, draw):
+        mx.random.seed(draw)  # the dropout masks of this micro-batch (the compiled step reads the state)
+        arrays = backend.to_arrays(batch, self.run.pad, self.run.cfg.max_seq_len)
         # average_gradients divides by the ranks; the loop wants their sum.
-        total, g = self.micro_step(ids, labels, mx.array(weight * self.run.group.size, dtype=mx.float32))
+        total, g = self.micro_step(arrays, mx.array(weight * self.run.group.size, dtype=mx.float32))
         self.grads = g if self.grads is None else tree_map(mx.add, self.grads, g)
         mx.eval(total, self.grads)
         return total.item()
@@ -191,12 +153,9 @@ class Trainer:
         self.grads = None
         mx.eval(self.model.trainable_parameters(), self.opt.state)
 
-    def eval_loss(self, dataset):
-        return eval_loss(backend, self.model, dataset, self.run.cfg.batch_size, self.run.pad, self.precision)
-
-    def adapter(self):
+    def adapter(self, master=False):
         mx.eval(self.model.trainable_parameters(), self.opt.state)
-        return adapter_of(backend, self.model, self.run.spec, self.run.info)
+        return adapter_of(backend, self.model, self.run.spec, self.run.info, "float32" if master else None)
 
     def save_state(self, folder):
         if folder is not None:

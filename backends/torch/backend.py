@@ -11,13 +11,12 @@ from typing import Iterator
 import ml_dtypes
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from pissa.errors import PissaError
 from pissa.training.data import IGNORE
 from pissa_torch.layers.base import AdapterLinear, dense_weight, weight_shape  # noqa: F401  (Backend members)
-from pissa_torch import quantized
+from pissa_torch import loss, quantized
 from pissa_torch.quantized import AffineQuantLinear, is_quantized  # noqa: F401  (a Backend member)
 
 name = "torch"
@@ -150,32 +149,43 @@ def freeze(model: nn.Module) -> None:
 
 
 # ---------------------------------------------------------------------- forward passes
+def unpackable(model_dir) -> str | None:
+    # transformers packs from position_ids for the architectures pissa_torch.loss has checked.
+    return loss.unpackable(model_dir)
+
+
 def to_device(batch: dict[str, np.ndarray], dev: torch.device) -> dict[str, torch.Tensor]:
     return {k: torch.from_numpy(v).to(dev, non_blocking=True) for k, v in batch.items()}
 
 
-def token_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], precision: str) -> tuple[torch.Tensor, int]:
+def token_loss_sum(net: nn.Module, batch: dict[str, torch.Tensor], precision: str,
+                   rows: int | None = None) -> tuple[torch.Tensor, int]:
     """Summed cross-entropy over the label tokens (position t predicts token t+1; 0 for a batch
-    without labels), and their count, with gradients."""
-    with autocast(precision, batch["input_ids"].device):
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    without labels), with gradients, and their count. `net` is the model or its DDP wrapper (the
+    forward goes through it, for its hooks); a packed batch (position_ids) gives each example the
+    loss it has alone, and only labelled positions reach the LM head, `rows` at a time
+    (pissa_torch.loss)."""
+    model = getattr(net, "module", net)  # DDP keeps the model in .module; FSDP2 shards it in place
     labels = batch["labels"][:, 1:]
-    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE,
-                           reduction="sum")
-    return loss, int((labels != IGNORE).sum())
+    keep = labels != IGNORE
+    inputs = loss.model_inputs(model, batch)
+    with autocast(precision, batch["input_ids"].device):
+        total = loss.labelled_loss(net, model, inputs, keep, labels[keep], rows)
+    return total, int(keep.sum())
 
 
 @torch.no_grad()
 def loss_sum(model: nn.Module, batch: dict[str, np.ndarray], precision: str) -> tuple[float, int]:
-    loss, n = token_loss_sum(model, to_device(batch, _device_of(model)), precision)
-    return float(loss), n
+    total, n = token_loss_sum(model, to_device(batch, _device_of(model)), precision)
+    return float(total), n
 
 
 @torch.no_grad()
 def logits(model: nn.Module, batch: dict[str, np.ndarray], precision: str) -> torch.Tensor:
+    # A packed batch gets each example's own logits here too, at the example's positions in its row.
     b = to_device(batch, _device_of(model))
     with autocast(precision, b["input_ids"].device):
-        z = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+        z = model(**loss.model_inputs(model, b)).logits
     return z[:, :-1].float()
 
 

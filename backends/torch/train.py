@@ -18,9 +18,10 @@ import torch
 from torch import nn
 
 from pissa.adapters.model import adapter_of
-from pissa.training.evaluation import eval_loss
 from pissa_torch import backend
 from pissa_torch.dist import full_state, load_state, sync, wrap
+
+STATE_FILE = "trainer.pt"  # a checkpoint's fp16 loss scaler state, beside optimizer.pt
 
 
 class Trainer:
@@ -28,8 +29,7 @@ class Trainer:
 
     def __init__(self, run, model: nn.Module, dev: torch.device, precision: str, shard: bool):
         cfg, group = run.cfg, run.group
-        self.run, self.model, self.dev, self.precision = run, model, dev, precision
-        torch.manual_seed(cfg.seed)  # the dropout masks
+        self.run, self.model, self.dev, self.precision, self.backend = run, model, dev, precision, backend
         if cfg.grad_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
@@ -38,13 +38,17 @@ class Trainer:
             self.net = wrap(model, group, dev, shard)
         self.params = [p for p in model.parameters() if p.requires_grad]  # after fully_shard: the sharded ones
         self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=dev.type == "cuda")
+        self.scaler = torch.amp.GradScaler(dev.type, enabled=precision == "fp16")
         if run.checkpoint is not None:
             load_state(self.opt, torch.load(run.checkpoint / "optimizer.pt", map_location=dev), self.params)
-        self.scaler = torch.amp.GradScaler(dev.type, enabled=precision == "fp16")
+            extra = run.checkpoint / STATE_FILE  # absent from checkpoints pissa wrote before it kept them
+            if extra.is_file() and self.scaler.is_enabled():
+                self.scaler.load_state_dict(torch.load(extra, map_location="cpu")["scaler"])
         self.sharded = shard  # the loop cannot save on Ctrl-C what only all ranks together hold
         self.micro = 0
 
-    def forward_backward(self, batch, weight):
+    def forward_backward(self, batch, weight, draw):
+        torch.manual_seed(draw)  # the dropout masks of this micro-batch
         cfg = self.run.cfg
         self.micro = (self.micro + 1) % cfg.grad_accum
         with sync(self.net, last=self.micro == 0):
@@ -62,14 +66,12 @@ class Trainer:
         self.scaler.update()
         self.opt.zero_grad(set_to_none=True)
 
-    def eval_loss(self, dataset):
-        # FSDP2 gathers weights in the module's own hooks; DDP adds nothing to a no-grad forward.
-        return eval_loss(backend, self.model, dataset, self.run.cfg.batch_size, self.run.pad, self.precision)
-
-    def adapter(self):
-        return adapter_of(backend, self.model, self.run.spec, self.run.info)
+    def adapter(self, master=False):
+        return adapter_of(backend, self.model, self.run.spec, self.run.info, "float32" if master else None)
 
     def save_state(self, folder):
         state = full_state(self.opt) if self.sharded else self.opt.state_dict()
         if folder is not None:
             torch.save(state, folder / "optimizer.pt")
+            if self.scaler.is_enabled():  # fp16's loss scale and growth tracker: a fresh one would drift
+                torch.save({"scaler": self.scaler.state_dict()}, folder / STATE_FILE)

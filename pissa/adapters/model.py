@@ -111,9 +111,10 @@ def adapter_state_dict(backend, model: Any) -> dict[str, Any]:
     return out
 
 
-def adapter_of(backend, model: Any, spec: AdapterSpec, info: dict | None = None) -> Adapter:
-    """The model's adapter parameters now, as a core Adapter in the spec's storage dtype."""
-    dt = np_dtype(spec.dtype)
+def adapter_of(backend, model: Any, spec: AdapterSpec, info: dict | None = None, dtype: str | None = None) -> Adapter:
+    """The model's adapter parameters now, as a core Adapter in `dtype` (default: the spec's
+    storage dtype; a checkpoint asks for float32, the master weights as they are)."""
+    dt = np_dtype(dtype or spec.dtype or "float32")
     factors = {name: tuple(backend.to_numpy(p).astype(np_dtype("float32")).astype(dt) for p in layer.params())
                for name, layer in backend.adapter_layers(model)}
     return Adapter(spec, factors, info=dict(info or {}))

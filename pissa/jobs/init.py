@@ -137,9 +137,12 @@ class Job:
             if source.layout.conv1d:  # neither bitsandbytes' nor MLX's layout has a transposed weight
                 raise PissaError(f"--quantize does not support {source.layout.model_type}'s Conv1D layers (weights "
                                  "stored [in, out]); run pissa init without --quantize")
-            if spec.kind != "lora" or not spec.init_module.QPISSA:
+            if spec.kind != "lora":
+                raise PissaError(f"--quantize needs --kind lora (QPiSSA quantises the residual of PEFT's A and B), "
+                                 f"not --kind {spec.kind}")
+            if not spec.init_module.QPISSA:
                 raise PissaError(f"--quantize needs --kind lora and an init that takes the principal part (pissa or "
-                                 f"pissa-fast), not {spec.describe()}")
+                                 f"pissa-fast), not {spec.init}")
             for module in sorted(targets):
                 check_fits(quantize, module, shapes[f"{module}.weight"])
         self.kind = spec.kind_module

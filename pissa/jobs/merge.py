@@ -14,15 +14,16 @@ from tqdm.auto import tqdm
 
 from pissa.errors import PissaError
 from pissa.files.formats import hf
-from pissa.adapters.adapter import misfits
+from pissa.adapters.adapter import Adapter, misfits
 from pissa.files.formats.peft import load_adapter
 from pissa.numeric.dtypes import np_dtype
 from pissa.files.loaders import open_model
 
 
-def run_merge(model: str, adapter_dir: str | Path, out: str | Path, *, force: bool = False,
+def run_merge(model: str, adapter_dir: str | Path | Adapter, out: str | Path, *, force: bool = False,
               dtype: str | None = None, progress: bool = True) -> int:
-    """Write OUT = MODEL with the adapter merged into its weights. Returns the modules merged.
+    """Write OUT = MODEL with the adapter (a folder, or one in memory) merged into its weights.
+    Returns the modules merged.
 
     Raises:
         PissaError: bad paths, or an adapter whose modules or shapes do not fit the model
@@ -31,7 +32,7 @@ def run_merge(model: str, adapter_dir: str | Path, out: str | Path, *, force: bo
     out = Path(out)
     hf.check_out_dir(out, force)
     source = open_model(model)
-    adapter = load_adapter(adapter_dir)
+    adapter = adapter_dir if isinstance(adapter_dir, Adapter) else load_adapter(adapter_dir)
     shapes = source.shapes()
     problems = [f"{m}: not in the model" for m in adapter.factors if m + ".weight" not in shapes]
     problems += misfits(adapter, {m: shapes[m + ".weight"] for m in adapter.factors if m + ".weight" in shapes})

@@ -108,9 +108,15 @@ class Backend(Protocol):
         """Freeze every parameter but the adapter layers' params()."""
 
     # ---------------------------------------------------------------- forward passes
+    def unpackable(self, model_dir: Any) -> str | None:
+        """Why this backend cannot pack examples exactly for the model of this folder (its attention
+        would cross from one example to the next, or its positions would not restart), or None
+        when it can: a batch with position_ids and segment_ids (pissa.training.batches) then gives
+        each example exactly the loss it has alone."""
+
     def loss_sum(self, model: Any, batch: dict[str, np.ndarray], precision: str) -> tuple[float, int]:
         """No gradient: the summed cross-entropy of a collated batch's labelled next tokens
-        (pissa.training.data.collate), and their count."""
+        (pissa.training.batches.collate_rows: packed when it has segment_ids), and their count."""
 
     def logits(self, model: Any, batch: dict[str, np.ndarray], precision: str) -> Any:
         """No gradient: float32 logits [b, t - 1, vocab] of a collated batch (position t predicts

@@ -39,7 +39,11 @@ from pissa.numeric.quant import scheme
 from pissa.studies import forgetting
 from pissa.studies.evaluate import Session
 from pissa.studies.scoring import exact_match
+from pissa.studies.spectrum import weight_change_ranks
 from pissa.training.loop import DIVERGED
+from pissa.training.run import CHECKPOINTS
+
+SPECTRUM = "spectrum.json"  # runs/NAME/spectrum.json: the rank of its weight change per module type
 
 # A method is an init (a LoRA-shaped adapter that starts so: "pissa", "olora", ...), a kind ("dora",
 # "mora", "full"; a LoRA-shaped kind alone starts as LoRA does, as its paper trains it), a kind
@@ -193,6 +197,7 @@ class Compare:
     grid: Grid
     backend: str
     progress: bool = True
+    keep_checkpoints: bool = False
     _step0: dict = field(default_factory=dict)
 
     def init_dir(self, run: RunPlan) -> Path:
@@ -210,11 +215,12 @@ class Compare:
     def train(self, run: RunPlan, init: Path, folder: Path) -> dict[str, Any]:
         """`pissa train` in a child process. Returns its peak RSS, seconds and tokens/s, or
         {"diverged": step} when its loss became NaN."""
-        save_every = math.gcd(*self.grid.eval_at)
+        # Checkpoints at the measured steps only, every one kept until measured (then deleted).
         cmd = [sys.executable, "-m", "pissa.cli", "train", str(init), "--data", str(self.data), "--out", str(folder),
                "--steps", str(self.grid.steps), "--lr", repr(run.lr), "--batch-size", str(self.grid.batch_size),
-               "--max-seq-len", str(self.grid.max_seq_len), "--save-every", str(save_every), "--seed",
-               str(self.grid.seed), "--backend", self.backend, "--no-progress", "--force"]
+               "--max-seq-len", str(self.grid.max_seq_len), "--save-at", ",".join(map(str, self.grid.eval_at)),
+               "--keep-checkpoints", "0", "--seed", str(self.grid.seed), "--backend", self.backend, "--no-progress",
+               "--force"]
         log = folder.parent / f"{run.name}.log"
         start = time.perf_counter()
         with open(log, "w") as f:
@@ -264,14 +270,21 @@ class Compare:
             rows.append({**base, "step": step, **metrics, **stats})
             probes[str(step)] = scores
         (folder / "probe_scores.json").write_text(json.dumps({"items": data.probe, "scores": probes}) + "\n")
+        if "diverged" not in stats:  # the weight change's spectrum at the end, while the checkpoint is here
+            ranks = weight_change_ranks(self.out / "inits" / "full", init, self.checkpoint(run, self.grid.steps))
+            (folder / SPECTRUM).write_text(json.dumps(ranks) + "\n")
         (folder / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        if not self.keep_checkpoints:  # measured: a sweep of full fine-tunes would fill a disk otherwise
+            shutil.rmtree(folder / CHECKPOINTS, ignore_errors=True)
         (folder / "done.json").write_text(json.dumps({"time": time.time()}) + "\n")
         return rows
 
 
 def run_compare(model: str, data: str | Path, eval_data: str | Path, out: str | Path, grid: Grid, *,
-                backend: str = "torch", force: bool = False, progress: bool = True) -> Path:
+                backend: str = "torch", force: bool = False, progress: bool = True,
+                keep_checkpoints: bool = False) -> Path:
     """Run (or continue) the grid and write OUT/results.jsonl, pareto.png, lr.png and report.md.
+    Each run's checkpoints are deleted once measured unless keep_checkpoints.
 
     Raises:
         PissaError: bad options or data, an OUT that holds another grid (without force), or a
@@ -293,7 +306,7 @@ def run_compare(model: str, data: str | Path, eval_data: str | Path, out: str | 
     out.mkdir(parents=True, exist_ok=True)
     saved.write_text(json.dumps(settings, indent=2) + "\n")
 
-    job = Compare(model, data, eval_data, out, grid, backend, progress)
+    job = Compare(model, data, eval_data, out, grid, backend, progress, keep_checkpoints)
     base_dir = job.init_dir(RunPlan("full", None, 0.0))   # the model itself: the reference for the KL
     reference = Session(backend, base_dir)
     eval_set = EvalData.build(reference.tokenizer, eval_data, grid)
@@ -306,9 +319,11 @@ def run_compare(model: str, data: str | Path, eval_data: str | Path, out: str | 
             rows += job.run_one(run, reference, eval_set)
             compare_report.write(out, rows, grid, settings)
             bar.update(1)
-    chosen = {}
+    spectra = {}
     for method, r in compare_report.best(rows, grid.steps).items():
         run = next(p for p in runs if (p.method, p.rank, p.lr) == (r["method"], r["rank"], r["lr"]))
-        chosen[method] = (run.name, job.init_dir(run), job.checkpoint(run, grid.steps))
-    compare_report.write(out, rows, grid, settings, spectra=compare_report.spectra(base_dir, chosen))
+        spectrum = out / "runs" / run.name / SPECTRUM
+        if spectrum.is_file():
+            spectra[method] = {"run": run.name, "ranks": json.loads(spectrum.read_text())}
+    compare_report.write(out, rows, grid, settings, spectra=spectra)
     return out / "report.md"

@@ -80,8 +80,10 @@ def answer(backend: str, model_dir: str | Path, prompt: str, *, adapter: str | P
 
 def evaluate(backend: str, model_dir: str | Path, data: str | Path, *, adapter: str | Path | None = None,
              device: str | None = None, batch_size: int = 16, max_new_tokens: int = 64, max_seq_len: int = 512,
-             limit: int | None = None, progress: bool = True) -> dict[str, Any]:
-    """Loss on the completions and exact-match accuracy of greedy answers.
+             limit: int | None = None, progress: bool = True, packing: bool = True) -> dict[str, Any]:
+    """Loss on the completions and exact-match accuracy of greedy answers. The loss is taken on
+    batches of `batch_size` rows, examples packed into rows of max_seq_len tokens (packing, where
+    the backend packs the model exactly: the same loss, no compute on padding).
 
     model_dir (a folder or a Hugging Face Hub id, see pissa.files.loaders.model_folder) with
     adapter=None uses MODEL_DIR/pissa_init when it exists (a pissa init folder), else the plain model.
@@ -91,7 +93,9 @@ def evaluate(backend: str, model_dir: str | Path, data: str | Path, *, adapter: 
     """
     s = Session(backend, model_dir, adapter, device)
     pairs, dataset = eval_split(data, s.tokenizer, max_seq_len, limit)
-    loss = eval_loss(s.backend, s.model, dataset, batch_size, pad_id(s.tokenizer), s.precision)
+    packed = packing and s.backend.unpackable(s.model_dir) is None
+    loss = eval_loss(s.backend, s.model, dataset, batch_size, pad_id(s.tokenizer), s.precision,
+                     max_seq_len if packed else None)
     correct, shown = 0, []
     with tqdm(total=len(pairs), desc=f"pissa eval ({s.backend.name})", disable=not progress, file=sys.stderr) as bar:
         for i in range(0, len(pairs), batch_size):

@@ -130,15 +130,6 @@ def plots(out: Path, rows: list[dict], grid) -> list[str]:
     return ["pareto.png", "lr.png"]
 
 
-def spectra(base: Path, chosen: dict[str, tuple[str, Path, Path]]) -> dict[str, Any]:
-    """The weight-change ranks of each method's chosen run (method -> (run name, its init
-    folder, its adapter)) against the base model's folder."""
-    from pissa.studies.spectrum import weight_change_ranks
-
-    return {method: {"run": name, "ranks": weight_change_ranks(base, init, adapter)}
-            for method, (name, init, adapter) in chosen.items()}
-
-
 def write(out: Path, rows: list[dict], grid, settings: dict, spectra: dict | None = None) -> None:
     (out / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     images = plots(out, rows, grid)

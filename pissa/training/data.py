@@ -107,8 +107,9 @@ def encode(context: str, target: str, kind: str, tokenizer: Any) -> Example:
     return Example(ctx + tgt, [IGNORE] * len(ctx) + list(tgt))
 
 
-def load_dataset(path: str | Path, tokenizer: Any, max_seq_len: int) -> Dataset:
-    """Read, check and tokenise a JSON-lines file.
+def load_dataset(path: str | Path, tokenizer: Any, max_seq_len: int,
+                 records: list[tuple[int, dict[str, Any]]] | None = None) -> Dataset:
+    """Read, check and tokenise a JSON-lines file (or those of its `records` read already).
 
     Raises:
         PissaError: for a bad file or record (naming its line), or a record left with no
@@ -117,7 +118,7 @@ def load_dataset(path: str | Path, tokenizer: Any, max_seq_len: int) -> Dataset:
     if max_seq_len < 2:
         raise PissaError(f"--max-seq-len must be at least 2, got {max_seq_len}")
     examples, truncated = [], 0
-    for n, rec in read_jsonl(path):
+    for n, rec in read_jsonl(path) if records is None else records:
         where = f"{path}:{n}"
         kind = record_kind(rec, where)
         ex = encode(*split_record(rec, kind, tokenizer, where), kind, tokenizer)
@@ -141,9 +142,7 @@ def eval_split(path: str | Path, tokenizer: Any, max_seq_len: int,
         where = f"{path}:{n}"
         kind = record_kind(rec, where)
         pairs.append(split_record(rec, kind, tokenizer, where) if kind != "text" else ("", rec["text"]))
-    dataset = load_dataset(path, tokenizer, max_seq_len)
-    dataset.examples = dataset.examples[: len(records)]
-    return pairs, dataset
+    return pairs, load_dataset(path, tokenizer, max_seq_len, records)  # only the records it uses
 
 
 def batch_indices(n: int, batch_size: int, seed: int, index: int) -> np.ndarray:

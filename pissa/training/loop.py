@@ -33,8 +33,10 @@ from pissa.adapters.adapter import BASE_MODEL_INFO, Adapter, init_fingerprint
 from pissa.errors import PissaError
 from pissa.files.formats import peft as peft_format
 from pissa.files.formats.hf import write_json
-from pissa.training.data import IGNORE, Dataset, Example, batch_indices, collate, load_dataset, load_tokenizer, pad_id
-from pissa.training.run import CHECKPOINTS, RunDir, TrainConfig, initial_adapter, lr_at, save_config
+from pissa.training.batches import Plan, collate_rows
+from pissa.training.data import IGNORE, Dataset, Example, load_dataset, load_tokenizer, pad_id
+from pissa.training.evaluation import eval_loss
+from pissa.training.run import CHECKPOINTS, DEFAULT_STEPS, RunDir, TrainConfig, initial_adapter, lr_at, save_config
 
 # pissa_config.json fields of the init that every adapter of the run carries on.
 _INHERITED = ("shapes", *BASE_MODEL_INFO)
@@ -58,6 +60,8 @@ class Run:
     checkpoint: Path | None   # the checkpoint resumed from (its optimizer state is the backend's)
     info: dict                # pissa_config.json fields of every adapter this run writes
     group: Any = dist.Solo()  # the ranks training together (pissa.dist)
+    plan: Plan | None = None  # the micro-batches, epoch after epoch (pissa.training.batches)
+    micro_batches: int = 0    # with --epochs (and no --steps): the micro-batches of those epochs, else 0
 
     @property
     def spec(self):
@@ -67,7 +71,7 @@ class Run:
 def prepare(model_dir: str | Path, data: str | Path, out: str | Path, cfg: TrainConfig, *, backend: str,
             eval_data: str | Path | None = None, adapter: str | Path | None = None, resume: bool = False,
             force: bool = False, config: dict | None = None, group: dist.Group | None = None,
-            dropout: float | None = None) -> Run:
+            dropout: float | None = None, unpackable: str | None = None) -> Run:
     """Read and check everything a run needs before any framework work: the init folder, the
     adapter to start from, the data (tokenised with the model's own tokenizer), and the run folder
     (with --resume, its last checkpoint). Writes RUN_DIR/config.json.
@@ -93,9 +97,17 @@ def prepare(model_dir: str | Path, data: str | Path, out: str | Path, cfg: Train
         if ds.truncated and group.rank == 0:
             print(f"pissa train: {ds.truncated} of {len(ds.examples)} records in {ds.path} were cut to "
                   f"--max-seq-len {cfg.max_seq_len}", file=sys.stderr)
+    mode = ("grouped" if unpackable else "packed") if cfg.packing else "padded"
+    if cfg.packing and unpackable and group.rank == 0:
+        print(f"pissa train: note: {unpackable}; batching by length instead of packing", file=sys.stderr)
+    plan = Plan([len(e.input_ids) for e in train_set.examples], cfg.batch_size, cfg.max_seq_len, cfg.seed, mode)
+    micro_batches = plan.micro_batches(cfg.epochs) if cfg.epochs and cfg.steps is None else 0
+    if cfg.steps is None:  # --epochs' micro-batches, in optimizer steps
+        steps = -(-micro_batches // cfg.grad_accum) if micro_batches else DEFAULT_STEPS
+        cfg = dataclasses.replace(cfg, steps=steps)
     start = _with_dropout(start, dropout)
     record = {"backend": backend, "model_dir": str(model_dir.absolute()), "data": str(data),
-              "spec": start.spec.to_dict(), **(config or {})}
+              "spec": start.spec.to_dict(), "batching": mode, **(config or {})}
     if group.size > 1:
         record["ranks"] = group.size
 
@@ -125,7 +137,7 @@ def prepare(model_dir: str | Path, data: str | Path, out: str | Path, cfg: Train
     info = {"role": "trained", "init_fingerprint": init_fingerprint(init), "source": init.info.get("source"),
             **{k: init.info[k] for k in _INHERITED if k in init.info}}
     return Run(cfg, model_dir, folder, tokenizer, train_set, eval_set, pad_id(tokenizer), resumed or start, init,
-               max(step, 0), checkpoint, info, group)
+               max(step, 0), checkpoint, info, group, plan, micro_batches)
 
 
 def _with_dropout(adapter: Adapter | None, dropout: float | None) -> Adapter | None:
@@ -138,26 +150,32 @@ def _with_dropout(adapter: Adapter | None, dropout: float | None) -> Adapter | N
 class Steps(Protocol):
     """The framework half of a run (one model, one optimizer, one device)."""
 
-    def forward_backward(self, batch: dict[str, np.ndarray], weight: float) -> float:
+    sharded: bool  # whether only all ranks together hold the model (FSDP2): Ctrl-C cannot save it then
+    backend: Any   # the Backend (pissa.numeric.backend) and the model with its adapter, as evals run it
+    model: Any
+    precision: str
+
+    def forward_backward(self, batch: dict[str, np.ndarray], weight: float, draw: int) -> float:
         """Add the gradient of weight * (sum of this micro-batch's token losses) to the accumulated
         gradients, summed over the ranks (a backend whose reduction averages, as DDP's and
         mlx.nn.average_gradients do, multiplies by the number of ranks first). batch: this rank's
-        rows of pissa.training.data.collate's arrays. Returns this rank's sum of token losses."""
+        rows of pissa.training.data.collate's arrays. draw: the seed of this micro-batch's random
+        draws (dropout), a function of --seed, the micro-batch and the rank, so that a resumed run
+        draws what an uninterrupted one would. Returns this rank's sum of token losses."""
 
     def update(self, lr: float) -> None:
         """Clip the accumulated gradients, take one optimizer step at `lr`, clear the gradients."""
 
-    def eval_loss(self, data: Dataset) -> float:
-        """Mean token loss over a dataset, in eval mode (and back to train mode after)."""
-
-    def adapter(self) -> Adapter:
-        """The model's adapter now, in the spec's storage dtype, with the run's info. Called on
-        every rank (gathering a sharded adapter is a collective)."""
+    def adapter(self, master: bool = False) -> Adapter:
+        """The model's adapter now, with the run's info: in the spec's storage dtype, or with
+        master=True in float32 (the trainable parameters as they are: what a checkpoint keeps).
+        Called on every rank (gathering a sharded adapter is a collective)."""
 
     def save_state(self, folder: Path | None) -> None:
-        """Write the optimizer state, whole (the same file on any number of ranks), into a
-        checkpoint folder (read back on --resume). Called on every rank; folder is None on the
-        ranks that do not write."""
+        """Write the optimizer state, whole (the same file on any number of ranks), and whatever
+        else a resumed run needs to continue exactly (a loss scaler's state, the random state of
+        the dropout), into a checkpoint folder (read back on --resume). Called on every rank;
+        folder is None on the ranks that do not write."""
 
 
 def run_loop(run: Run, steps: Steps, *, desc: str, progress: bool = True) -> dict:
@@ -167,7 +185,7 @@ def run_loop(run: Run, steps: Steps, *, desc: str, progress: bool = True) -> dic
     Ctrl-C saves a checkpoint and re-raises KeyboardInterrupt (under a launcher, rank 0 saves its
     replica; a sharded model, whose state only all ranks together hold, keeps the last
     checkpoint). Both backends draw the same micro-batches in the same order
-    (pissa.training.data.batch_indices), so runs are comparable.
+    (run.plan, pissa.training.batches), so runs are comparable.
 
     Returns:
         A summary dict (steps, final loss, eval loss, tokens/s, seconds, run folder).
@@ -180,10 +198,13 @@ def run_loop(run: Run, steps: Steps, *, desc: str, progress: bool = True) -> dic
     writes = group.rank == 0
     step = run.step
 
-    def save(at: int, adapter: Adapter | None = None) -> Path:
-        adapter = adapter or steps.adapter()  # every rank: gathering a sharded adapter is a collective
+    def save(at: int) -> Path:
+        # float32 master weights (every rank: gathering a sharded adapter is a collective)
+        adapter = steps.adapter(master=True)
         if writes:
-            return folder.save_checkpoint(at, adapter, steps.save_state, {"backend": desc})
+            saved = folder.save_checkpoint(at, adapter, steps.save_state, {"backend": desc})
+            folder.prune(cfg.keep_checkpoints)  # the older ones go only now that this one is complete
+            return saved
         steps.save_state(None)
         return folder.path / CHECKPOINTS / f"step-{at:06d}"
 
@@ -193,15 +214,21 @@ def run_loop(run: Run, steps: Steps, *, desc: str, progress: bool = True) -> dic
     try:
         while step < cfg.steps:
             lr = lr_at(step, cfg)
-            sums, counts = np.zeros(cfg.grad_accum), np.zeros(cfg.grad_accum)
+            # --epochs: the last step takes what is left of the last epoch, so that each example is
+            # seen once an epoch (the micro-batches an epoch holds need not divide by --grad-accum)
+            micros = min(cfg.grad_accum, run.micro_batches - step * cfg.grad_accum) if run.micro_batches \
+                else cfg.grad_accum
+            sums, counts, step_tokens = np.zeros(micros), np.zeros(micros), 0
             with group.guard(f"step {step + 1}"):
-                for micro in range(cfg.grad_accum):
-                    idx = batch_indices(len(data), cfg.batch_size, cfg.seed, step * cfg.grad_accum + micro)
-                    batch = collate([data[i] for i in idx], run.pad)  # the global batch; ours is every size-th row
+                for micro in range(micros):
+                    rows = run.plan.micro(step * cfg.grad_accum + micro)
+                    batch = collate_rows(data, rows, run.pad)  # the global batch; ours is every size-th row
                     counts[micro] = int((batch["labels"][:, 1:] != IGNORE).sum())
                     mine = {k: np.ascontiguousarray(v[group.rank::group.size]) for k, v in batch.items()}
-                    sums[micro] = steps.forward_backward(mine, 1.0 / (cfg.grad_accum * counts[micro]))
-                    tokens_seen += int(batch["attention_mask"].sum())
+                    draw = int(np.random.default_rng([cfg.seed, step * cfg.grad_accum + micro, group.rank])
+                               .integers(2**31))
+                    sums[micro] = steps.forward_backward(mine, 1.0 / (micros * counts[micro]), draw)
+                    step_tokens += int(batch["attention_mask"].sum())  # real tokens: no pads
                 loss_value = float(np.mean(group.all_sum(sums) / counts))
                 if not math.isfinite(loss_value):
                     kept = folder.latest()
@@ -213,21 +240,23 @@ def run_loop(run: Run, steps: Steps, *, desc: str, progress: bool = True) -> dic
                     raise PissaError(message)
                 steps.update(lr)
             step += 1
+            tokens_seen += step_tokens
             elapsed = time.perf_counter() - t0
-            if writes:
-                folder.log({"step": step, "loss": loss_value, "lr": lr, "tokens_per_s": tokens_seen / elapsed})
+            if writes:  # tokens: the real tokens of this step (pads not counted); tokens_per_s: of the run so far
+                folder.log({"step": step, "loss": loss_value, "lr": lr, "tokens": step_tokens,
+                            "tokens_per_s": tokens_seen / elapsed})
             bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_seen / elapsed:,.0f}")
             bar.update(1)
             if run.eval_set and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
                 last_eval = evaluate(run, steps)
                 if writes:
                     folder.log({"step": step, "eval_loss": last_eval})
-            if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
+            if folder.saves(step, cfg) and step < cfg.steps:
                 with group.guard(f"saving step {step}"):
                     save(step)
     except KeyboardInterrupt:
         bar.close()
-        if group.size == 1 or (writes and not getattr(steps, "sharded", False)):
+        if group.size == 1 or (writes and not steps.sharded):
             saved = save(step)
             print(f"pissa train: interrupted; saved {saved} (step {step}); continue with --resume", file=sys.stderr)
         elif writes:
@@ -241,8 +270,11 @@ def run_loop(run: Run, steps: Steps, *, desc: str, progress: bool = True) -> dic
         if writes:
             folder.log({"step": step, "eval_loss": last_eval})
     with group.guard("saving the final adapter"):
+        # The final step gets a checkpoint only when asked for (a finished run needs none to resume);
+        # RUN_DIR/adapter holds the result, in the storage dtype.
+        if folder.saves(step, cfg):
+            save(step)
         final = steps.adapter()
-        save(step, final)
 
     def finish() -> None:
         folder.finish(final, run.init, run.model_dir)
@@ -259,15 +291,20 @@ def evaluate(run: Run, steps: Steps) -> float:
     padded with unlabelled copies so that every rank runs as many batches (a sharded forward is
     a collective), and the token-weighted sums are added over the ranks."""
     group = run.group
-    if group.size == 1:
-        return steps.eval_loss(run.eval_set)
+
+    def eval_loss_of(data: Dataset, max_len: int | None) -> float:
+        # FSDP2 gathers weights in the module's own hooks; DDP adds nothing to a no-grad forward.
+        return eval_loss(steps.backend, steps.model, data, run.cfg.batch_size, run.pad, steps.precision, max_len)
+
+    if group.size == 1:  # packed as the training is; across ranks unpacked, so every rank runs as many batches
+        return eval_loss_of(run.eval_set, run.cfg.max_seq_len if run.plan.mode == "packed" else None)
     examples = run.eval_set.examples
     mine = examples[group.rank::group.size]
     filler = Example(examples[0].input_ids, [IGNORE] * len(examples[0].input_ids))
     mine = mine + [filler] * (-(-len(examples) // group.size) - len(mine))
     tokens = sum(sum(label != IGNORE for label in e.labels[1:]) for e in mine)
     with group.guard("eval", timed=False):  # a long eval is no lost rank (a sharded one gathers inside)
-        mean = steps.eval_loss(Dataset(mine, 0, run.eval_set.path))  # 0 when it holds only filler
+        mean = eval_loss_of(Dataset(mine, 0, run.eval_set.path), None)  # 0 when it holds only filler
     with group.guard("eval"):
         total, count = group.all_sum([mean * tokens, tokens])
     return float(total / max(count, 1))

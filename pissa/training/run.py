@@ -16,20 +16,25 @@ from typing import Any
 
 from pissa.jobs.convert import to_lora
 from pissa.errors import PissaError
+from pissa.files.formats import mlx_lm as mlx_lm_format
 from pissa.files.formats import peft as peft_format
 from pissa.files.formats.hf import atomic_dir, write_json
 from pissa.adapters.adapter import Adapter, init_fingerprint
 
 CHECKPOINTS = "checkpoints"
+DEFAULT_STEPS = 100  # optimizer steps when neither --steps nor --epochs is given
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Options of `pissa train`. Defaults follow the PiSSA paper (AdamW, cosine decay, 3% warmup,
+    """Options of `pissa train` (steps is resolved by prepare(): --steps, else --epochs' worth of
+    micro-batches, else DEFAULT_STEPS). Defaults follow the PiSSA paper (AdamW, cosine decay, 3% warmup,
     no weight decay, dropout 0) except the learning rate: 1e-4 suits a 135M model trained for
     minutes better than the paper's 2e-5 for 7B models over 3 epochs."""
 
-    steps: int = 100
+    steps: int | None = None    # None: --epochs' worth, or DEFAULT_STEPS (pissa.training.loop.prepare)
+    epochs: int | None = None   # whole passes over the data (--steps wins when both are given)
+    packing: bool = True        # pack examples into rows of max_seq_len (pissa.training.batches)
     batch_size: int = 4
     grad_accum: int = 1
     lr: float = 1e-4
@@ -39,21 +44,26 @@ class TrainConfig:
     max_seq_len: int = 256
     seed: int = 0
     eval_every: int = 0          # 0: only at the end (when there is eval data)
-    save_every: int = 0          # 0: only at the end
+    save_every: int = 0          # 0: no periodic checkpoints
+    save_at: tuple[int, ...] = ()  # checkpoints at these steps too (what pissa compare measures)
+    keep_checkpoints: int = 2    # the newest N checkpoints stay; 0: every one
     precision: str = "auto"      # auto | fp32 | bf16 | fp16 (torch autocast on CUDA)
     grad_checkpointing: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "grad_accum", "max_seq_len"):
-            if getattr(self, name) < 1:
+        for name in ("steps", "epochs", "batch_size", "grad_accum", "max_seq_len"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise PissaError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        for name in ("eval_every", "save_every", "seed"):
+        for name in ("eval_every", "save_every", "seed", "keep_checkpoints"):
             if getattr(self, name) < 0:
                 raise PissaError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise PissaError(f"--lr must be > 0, got {self.lr}")
         if not 0 <= self.warmup_ratio < 1:
             raise PissaError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
+        object.__setattr__(self, "save_at", tuple(sorted(set(self.save_at))))
+        if any(s < 1 or (self.steps is not None and s > self.steps) for s in self.save_at):
+            raise PissaError(f"--save-at steps must lie in 1..--steps ({self.steps}), got {list(self.save_at)}")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise PissaError(f"--precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
 
@@ -111,9 +121,23 @@ class RunDir:
                     if line and json.loads(line).get("step", 0) <= step]
             self.metrics_path.write_text("".join(line + "\n" for line in keep))
 
+    def saves(self, step: int, cfg: TrainConfig) -> bool:
+        """Whether a run keeps a checkpoint of `step`: every --save-every steps, and at --save-at."""
+        return bool(cfg.save_every and step % cfg.save_every == 0) or step in cfg.save_at
+
+    def prune(self, keep: int) -> list[Path]:
+        """Delete all but the newest `keep` complete checkpoints (0 keeps every one), oldest first;
+        called once a newer one is completely written. Returns what was deleted."""
+        old = self.checkpoints()[:-keep] if keep else []
+        for folder in old:
+            shutil.rmtree(folder)
+        return old
+
     def save_checkpoint(self, step: int, adapter: Adapter, write_state: Any, extra: dict[str, Any]) -> Path:
-        """Write checkpoints/step-NNNNNN atomically: the adapter, the backend's optimizer state
-        (write_state(folder) writes it), and state.json last, which marks it complete."""
+        """Write checkpoints/step-NNNNNN atomically: the adapter (its float32 master weights, so
+        that a resumed run continues exactly, whatever the storage dtype), the backend's optimizer,
+        scaler and random state (write_state(folder) writes them), and state.json last, which marks
+        it complete."""
         final = self.path / CHECKPOINTS / f"step-{step:06d}"
         with atomic_dir(final, force=True) as tmp:
             (tmp / "adapter").mkdir()
@@ -157,17 +181,20 @@ class RunDir:
     def finish(self, trained: Adapter, initial: Adapter, model_dir: Path) -> None:
         """RUN_DIR/adapter (the trained adapter) and, when its kind has an exact LoRA form,
         RUN_DIR/lora (that LoRA on the original model: rank 2r for PiSSA, r_hat for sharing MoRA),
-        each written atomically. Full fine-tuning writes RUN_DIR/model instead: the init folder's
-        model with the trained weights, an ordinary model folder."""
+        each written atomically. A kind without one that mlx-lm runs as it is (DoRA) gets mlx-lm's
+        files in RUN_DIR/adapter too, for the init folder. Full fine-tuning writes RUN_DIR/model
+        instead: the init folder's model with the trained weights, an ordinary model folder."""
         if trained.spec.kind_module.OUTPUT == "model":
             from pissa.jobs.merge import run_merge
 
-            latest = self.latest()
-            run_merge(str(model_dir), latest / "adapter", self.path / "model", force=True, progress=False)
+            run_merge(str(model_dir), trained, self.path / "model", force=True, progress=False)
             return
+        converts = trained.spec.kind_module.converts(trained.spec)
         with atomic_dir(self.path / "adapter", force=True) as tmp:
             peft_format.save_adapter(tmp, trained)
-        if not trained.spec.kind_module.converts(trained.spec):
+            if not converts and mlx_lm_format.form(trained.spec.kind_module) is not None:
+                mlx_lm_format.save_mlx_adapter(tmp, trained)
+        if not converts:
             return
         lora = to_lora(initial, trained)
         with atomic_dir(self.path / "lora", force=True) as tmp:

@@ -49,7 +49,7 @@ def train(backend: str, model_dir: str | Path, data: str | Path, out: str | Path
         print("pissa train: note: --shard splits a model over the ranks of torchrun; one process trains it whole",
               file=sys.stderr)
     run = prepare(model_dir, data, out, cfg, backend=be.name, eval_data=eval_data, adapter=adapter, resume=resume,
-                  force=force, group=group, dropout=dropout,
+                  force=force, group=group, dropout=dropout, unpackable=be.unpackable(model_dir),
                   config={"device": str(dev), "precision": precision, **({"shard": True} if split else {})})
     model, _ = load(be, run.model_dir, run.start, device=dev, precision=precision)
     return run_loop(run, be.trainer(run, model, dev, precision, split), desc=be.name, progress=progress)

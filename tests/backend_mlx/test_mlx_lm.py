@@ -155,7 +155,7 @@ def test_smollm2_init_train_and_export_on_mlx(tmp_path, hf_smollm2):
     import torch
 
     out, run, lora = tmp_path / "smol", tmp_path / "run", tmp_path / "lora"
-    assert main(["init", "smollm2-135m", "--out", str(out), "--rank", "16", "--init", "pissa-fast",
+    assert main(["init", "smollm2-135m", "--out", str(out), "--dtype", "float32", "--rank", "16", "--init", "pissa-fast",
                  "--backend", "mlx", "--no-progress"]) == 0
     with torch.no_grad():
         reference = hf_smollm2(torch.tensor(PROMPT_IDS)).logits.numpy()

@@ -33,14 +33,22 @@ def torch_logits(model_dir, adapter_dir):
         return model(torch.tensor(PROMPT_IDS)).logits.numpy()
 
 
+def rows(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
 def losses(run):
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return np.array([r.get("loss", r.get("eval_loss")) for r in rows])
+    return np.array([r.get("loss", r.get("eval_loss")) for r in rows(run)])
 
 
 def test_the_same_run_on_both_backends_ends_at_the_same_adapter(mlx_run, torch_run, tiny_chat):
     # Same data order, schedule, loss, AdamW (with bias correction) and clipping. Measured over
     # 8 steps at lr 3e-3: losses agree to 2e-6, adapters to 4e-5 of how far training moved them.
+    # Both pack: the same records in the same rows, so the same tokens at every step.
+    for run in (mlx_run, torch_run):
+        assert json.loads((run / "config.json").read_text())["batching"] == "packed"
+    tokens = [[r["tokens"] for r in rows(run) if "tokens" in r] for run in (mlx_run, torch_run)]
+    assert tokens[0] == tokens[1] and len(tokens[0]) == 8
     np.testing.assert_allclose(losses(mlx_run), losses(torch_run), rtol=1e-4)
     a = load(mlx_run / "adapter" / "adapter_model.safetensors")
     b = load(torch_run / "adapter" / "adapter_model.safetensors")

@@ -317,7 +317,7 @@ def test_smollm2_qpissa_beats_qlora_at_step0_then_trains_and_converts(tmp_path):
     from tests.conftest import DATA
 
     out, run, lora = tmp_path / "q", tmp_path / "run", tmp_path / "lora"
-    assert main(["init", "smollm2-135m", "--out", str(out), "--init", "pissa-fast", "--backend", "mlx",
+    assert main(["init", "smollm2-135m", "--out", str(out), "--dtype", "float32", "--init", "pissa-fast", "--backend", "mlx",
                  "--compute-dtype", "float32", "--targets", "q_proj,k_proj,v_proj,o_proj",
                  "--quantize", "affine4", "--rank", "16", "--quant-iters", "1", "--no-progress", "--no-kl"]) == 0
     original = write_original_smollm2(tmp_path / "original")

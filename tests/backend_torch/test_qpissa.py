@@ -220,7 +220,7 @@ def smol_qpissa(tmp_path_factory):
     its loaded layers are checked against the reference above. One scheme keeps the suite's time."""
     root = tmp_path_factory.mktemp("smol_qpissa")
     for name in ("nf4",):
-        assert main(["init", "smollm2-135m", "--out", str(root / name), "--quantize", name, "--init", "pissa-fast",
+        assert main(["init", "smollm2-135m", "--out", str(root / name), "--dtype", "float32", "--quantize", name, "--init", "pissa-fast",
                      "--compute-dtype", "float32", "--targets", "q_proj,v_proj", "--rank", "16", "--quant-iters", "1",
                      "--backend", "torch", "--no-progress", "--no-kl"]) == 0
     return root

@@ -38,7 +38,7 @@ def runs(tiny_full, tmp_path_factory):
             pytest.importorskip("mlx.core")
         out[backend] = tmp_path_factory.mktemp(f"full-{backend}") / "run"
         assert main(["train", str(tiny_full), "--data", str(DATA / "train.jsonl"), "--out", str(out[backend]),
-                     "--steps", "1", "--backend", backend, *ARGS]) == 0
+                     "--steps", "1", "--save-at", "1", "--backend", backend, *ARGS]) == 0
     return out
 
 
@@ -75,10 +75,19 @@ def test_one_step_equals_a_plain_adamw_step(runs, tiny_full):
     got = open_model(str(runs["torch"] / "model"))
     base = open_model(str(tiny_full))
     assert len(want) == 14
+    # Adam's first step moves a weight by lr * g / (|g| + eps), eps = 1e-8. pissa's loss runs the
+    # head over the labelled positions only, in chunks, so its gradients round differently from
+    # this plain full-logits loss; that shows only where |g| is near eps (measured: 5 of 73728
+    # entries off by more than 1e-3 lr, all with |g| < 8e-9, the worst 1.8e-3 lr). So: every entry
+    # within 1e-2 lr (a flipped sign would be 2 lr), and those with |g| > 100 eps (a step above
+    # 0.99 lr: 96% or more of each weight's entries) within 1e-4 lr (measured 1.5e-5 lr: two
+    # float32 ulps of the weight).
     for name, w in want.items():
-        moved = np.abs(w - base.get(name)).max()
-        assert moved > LR / 2, name   # Adam's first step moves a weight by about lr
-        assert np.abs(got.get(name) - w).max() <= 1e-6 * moved, name
+        step = np.abs(w - base.get(name))
+        assert step.max() > LR / 2, name   # Adam's first step moves a weight by about lr
+        diff = np.abs(got.get(name) - w)
+        assert diff.max() <= 1e-2 * LR, name
+        assert (step > 0.99 * LR).mean() > 0.9 and diff[step > 0.99 * LR].max() <= 1e-4 * LR, name
     for name in ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"):
         np.testing.assert_array_equal(got.get(name), base.get(name))   # only the targets train
 

@@ -17,6 +17,7 @@ Prints one table per backend (method x step) and writes OUT/results.json.
 from __future__ import annotations
 
 import argparse
+import shutil
 import json
 import sys
 import time
@@ -86,12 +87,14 @@ def run_method(backend: str, method: str, lr: float, args, data: Path, pairs, ro
     if not (init / "pissa_init").is_dir():
         run_init("smollm2-135m", init, AdapterSpec(rank=args.rank, compute_dtype="float32", **METHODS[method]),
                  backend="numpy", force=True, progress=False)
-    train = __import__(f"pissa_{backend}.train", fromlist=["train"]).train
+    from pissa.training.train import train
+
+    # Every measured step's checkpoint is kept until measured, then deleted (unless --keep).
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=lr, warmup_ratio=0.0,
-                      max_seq_len=128, save_every=args.eval_every, seed=0)
+                      max_seq_len=128, save_every=args.eval_every, keep_checkpoints=0, seed=0)
     run = root / f"run-{backend}-{method}"
     t0 = time.perf_counter()
-    summary = train(init, data, run, cfg, force=True, progress=not args.no_progress)
+    summary = train(backend, init, data, run, cfg, force=True, progress=not args.no_progress)
     seconds = time.perf_counter() - t0
     prompts = [f"{a}\n" for a, _ in pairs]
     accuracy = {}
@@ -103,6 +106,8 @@ def run_method(backend: str, method: str, lr: float, args, data: Path, pairs, ro
         got = answers(backend, init, adapter, prompts, args.batch_size)
         accuracy[step] = float(np.mean([char_accuracy(g, b) for g, (_, b) in zip(got, pairs)]))
         print(f"  {backend} {method} step {step}: char accuracy {accuracy[step]:.1%}", flush=True)
+    if not args.keep:
+        shutil.rmtree(run / "checkpoints", ignore_errors=True)
     return {"lr": lr, "accuracy": accuracy, "final_loss": summary["loss"], "train_seconds": seconds,
             "tokens_per_s": summary["tokens_per_s"], "moved": moved}
 
@@ -130,6 +135,7 @@ def main() -> int:
     p.add_argument("--out", default="out/bench_memorize")
     p.add_argument("--smoke", action="store_true", help="4 pairs, 4 steps: checks the script runs")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--keep", action="store_true", help="keep every run's checkpoints (deleted once measured)")
     args = p.parse_args()
     if args.smoke:
         args.pairs, args.steps, args.eval_every, args.batch_size = 4, 4, 2, 4

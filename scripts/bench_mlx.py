@@ -74,6 +74,8 @@ def make_step(which: str, model_dir: str, ids):
 
     if which == "ours":
         from pissa_mlx import load
+        import numpy as np
+        from pissa_mlx.backend import to_arrays
         from pissa_mlx.train import compiled_steps, make_optimizer
 
         from pissa.training.run import TrainConfig
@@ -85,9 +87,11 @@ def make_step(which: str, model_dir: str, ids):
         opt.init(model.trainable_parameters())
         micro_step, update = compiled_steps(model, opt, cfg)
         weight = mx.array(1.0 / ids[:, 1:].size)  # the gradient of the mean token loss
+        ids_np = np.array(ids)
+        batch = to_arrays({"input_ids": ids_np, "labels": ids_np}, 0)
 
         def step():  # as pissa_mlx.train's loop: loss read back, then the clipped AdamW step
-            loss, grads = micro_step(ids, ids, weight)  # loss: the sum over the batch's tokens
+            loss, grads = micro_step(batch, weight)  # loss: the sum over the batch's tokens
             mx.eval(loss, grads)
             loss.item()
             opt.learning_rate = 1e-5

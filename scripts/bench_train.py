@@ -1,0 +1,321 @@
+"""Training throughput on data shaped like instruction data, against the trainers users compare
+pissa with, in one run: real tokens per second (prompt and answer tokens of the records, pads not
+counted) and peak memory, each trainer in a child process of its own, all on the same records,
+model, rank and targets for one epoch.
+
+    python scripts/bench_train.py [--model smollm2|1b] [--records 128] [--only NAME,...] [--smoke]
+    pip install -e ".[bench]"   # TRL, the benchmark-only reference
+
+The records (made here, offline, seeded): a prompt of ~6-300 tokens and an answer of ~3-100,
+long-tailed as instruction data is (most short, a few long), the loss on the answer only.
+
+Rows:
+- pissa torch, packed (the default) and --no-packing;
+- PEFT + transformers in the loop most users write: shuffled batches of 4 records padded to the
+  longest, labels on the answer, AdamW;
+- TRL's SFTTrainer with PEFT, with its padding-free batches and with its packing (bfd);
+- pissa MLX, packed, and mlx-lm's LoRA trainer (sorted by length, padded to a multiple of 32);
+- the roofline on this machine: what an ideal trainer reaches at the measured sgemm speed, from
+  pissa torch on equal-length, full rows (where padding and prompts cost nothing to anyone).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _bench import threading_environment  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+RANK, LR, BATCH, MAX_LEN = 16, 1e-4, 4, 512
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+# ---------------------------------------------------------------- the data
+def make_records(n: int, seed: int = 0) -> list[dict]:
+    """Prompt/completion records whose token lengths are long-tailed: prompt ~ 6-300 and answer
+    ~ 3-100 (a Pareto tail over a floor), made of words from the general text that ships with pissa."""
+    import numpy as np
+
+    from pissa.studies.forgetting import GENERAL
+
+    words = " ".join(json.loads(line)["text"] for line in GENERAL.read_text().splitlines()).split()
+    rng = np.random.default_rng(seed)
+
+    def text(lo: int, hi: int, alpha: float) -> str:
+        k = int(min(hi, lo + rng.pareto(alpha) * lo * 2))
+        start = int(rng.integers(0, len(words) - k))
+        return " ".join(words[start:start + k])
+
+    # ~1.3 tokens per word with SmolLM2's tokenizer: words 5-230 and 2-75 give the token ranges
+    return [{"prompt": text(5, 230, 1.2) + "\n", "completion": text(2, 75, 1.5)} for _ in range(n)]
+
+
+def token_counts(model_dir: Path, data: Path) -> dict:
+    from pissa.training.data import load_dataset, load_tokenizer
+
+    ds = load_dataset(data, load_tokenizer(model_dir), MAX_LEN)
+    lengths = [len(e.input_ids) for e in ds.examples]
+    answers = [sum(label >= 0 for label in e.labels) for e in ds.examples]
+    return {"records": len(lengths), "tokens": sum(lengths), "answer_tokens": sum(answers),
+            "median": sorted(lengths)[len(lengths) // 2], "max": max(lengths), "truncated": ds.truncated}
+
+
+# ---------------------------------------------------------------- children
+def measured(fn) -> dict:
+    from pissa.memory import AnonPeak, peak_rss_mib
+
+    t = time.perf_counter()
+    with AnonPeak(0.01) as anon:
+        out = fn()
+    seconds = time.perf_counter() - t
+    return {**out, "seconds": round(seconds, 1), "rss_peak_mib": round(peak_rss_mib()),
+            "anon_peak_mib": round(anon.mib) if anon.mib is not None else None}
+
+
+def child_pissa(backend: str, model: str, data: str, out: str, packing: str) -> dict:
+    from pissa.training.run import TrainConfig
+    from pissa.training.train import train
+
+    cfg = TrainConfig(epochs=1, batch_size=BATCH, lr=LR, max_seq_len=MAX_LEN, packing=packing == "1",
+                      precision="fp32", warmup_ratio=0.0)
+
+    def run():
+        s = train(backend, model, data, out, cfg, force=True, progress=False)
+        rows = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+        config = json.loads((Path(out) / "config.json").read_text())
+        return {"tokens": sum(r.get("tokens", 0) for r in rows), "steps": s["steps"], "batching": config["batching"],
+                "train_seconds": s["seconds"]}
+    return measured(run)
+
+
+def _peft_model(model_dir: str):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    return get_peft_model(model, LoraConfig(r=RANK, lora_alpha=RANK, target_modules=TARGETS, task_type="CAUSAL_LM"))
+
+
+def child_peft(model: str, data: str) -> dict:
+    """The loop most PEFT users write: shuffled batches padded to the longest, answer-only labels."""
+    import torch
+
+    from pissa.training.batches import Plan, collate_rows
+    from pissa.training.data import IGNORE, load_dataset, load_tokenizer, pad_id
+
+    tok = load_tokenizer(model)
+    ds = load_dataset(data, tok, MAX_LEN)
+    net = _peft_model(model)
+    net.train()
+    opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=LR)
+    plan = Plan([len(e.input_ids) for e in ds.examples], BATCH, MAX_LEN, 0, "padded")
+
+    def run():
+        t0, tokens = time.perf_counter(), 0
+        for k in range(math.ceil(len(ds.examples) / BATCH)):
+            b = {key: torch.from_numpy(v) for key, v in collate_rows(ds.examples, plan.micro(k), pad_id(tok)).items()}
+            logits = net(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+            loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), b["labels"][:, 1:].flatten(),
+                                                     ignore_index=IGNORE)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            tokens += int(b["attention_mask"].sum())
+        return {"tokens": tokens, "train_seconds": round(time.perf_counter() - t0, 1)}
+    return measured(run)
+
+
+def child_trl(model: str, data: str, out: str, how: str) -> dict:
+    """TRL's SFTTrainer with PEFT's LoRA: how = "padding_free" or "packing" (bfd)."""
+    from datasets import load_dataset as hf_load_dataset
+    from transformers import AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    dataset = hf_load_dataset("json", data_files=data, split="train")
+    # padding-free without packing does not truncate (TRL refuses max_length then): the records fit anyway
+    cfg = SFTConfig(output_dir=out, per_device_train_batch_size=BATCH, num_train_epochs=1, learning_rate=LR,
+                    max_length=None if how == "padding_free" else MAX_LEN, use_cpu=True, bf16=False,
+                    padding_free=how == "padding_free", packing=how == "packing", completion_only_loss=True,
+                    logging_steps=1000, save_strategy="no", report_to=[], lr_scheduler_type="constant",
+                    warmup_steps=0, dataloader_num_workers=0, disable_tqdm=True)
+    trainer = SFTTrainer(model=_peft_model(model), args=cfg, train_dataset=dataset,
+                         processing_class=AutoTokenizer.from_pretrained(model))
+    tokens = sum(len(x) for x in trainer.train_dataset["input_ids"])
+
+    def run():
+        t0 = time.perf_counter()
+        trainer.train()
+        return {"tokens": tokens, "train_seconds": round(time.perf_counter() - t0, 1)}
+    return measured(run)
+
+
+def child_mlx_lm(model: str, data: str, out: str) -> dict:
+    """mlx-lm's LoRA trainer on the same records: its CompletionsDataset (answer-only loss),
+    batches sorted by length and padded to a multiple of 32."""
+    import mlx.core as mx
+    import mlx.optimizers as optim
+    from mlx_lm import load
+    from mlx_lm.tuner.datasets import CacheDataset, CompletionsDataset
+    from mlx_lm.tuner.trainer import TrainingArgs, train
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    net, tok = load(model)
+    net.freeze()
+    linear_to_lora_layers(net, len(net.layers), {"rank": RANK, "scale": 1.0, "dropout": 0.0,
+                                                "keys": [f"self_attn.{k}" if k.endswith(("q_proj", "k_proj", "v_proj",
+                                                         "o_proj")) else f"mlp.{k}" for k in TARGETS]})
+    records = [json.loads(line) for line in Path(data).read_text().splitlines()]
+    dataset = CacheDataset(CompletionsDataset(records, tok, "prompt", "completion", mask_prompt=True))
+    iters = math.ceil(len(records) / BATCH)
+    args = TrainingArgs(batch_size=BATCH, iters=iters, max_seq_length=MAX_LEN, steps_per_report=10**6,
+                        steps_per_eval=10**6, steps_per_save=10**6, adapter_file=str(Path(out) / "adapters.safetensors"))
+    Path(out).mkdir(parents=True, exist_ok=True)
+
+    def run():
+        t0 = time.perf_counter()
+        train(net, optim.AdamW(learning_rate=LR), dataset, dataset, args=args)
+        tokens = sum(len(dataset[i][0]) for i in range(len(dataset)))
+        return {"tokens": tokens, "train_seconds": round(time.perf_counter() - t0, 1),
+                "mlx_peak_mib": round(mx.get_peak_memory() / 2**20)}
+    return measured(run)
+
+
+def child_roofline(model: str, out: str) -> dict:
+    """sgemm GFLOP/s here, and pissa torch on equal-length full rows (batch 4 x MAX_LEN)."""
+    import numpy as np
+    import torch
+
+    a = torch.randn(2048, 2048)
+    for _ in range(2):
+        a @ a
+    t = time.perf_counter()
+    for _ in range(10):
+        a @ a
+    gflops = 10 * 2 * 2048**3 / (time.perf_counter() - t) / 1e9
+    data = Path(out) / "equal.jsonl"
+    data.parent.mkdir(parents=True, exist_ok=True)
+    words = " ".join(["the model reads and writes text"] * 200)
+    data.write_text("".join(json.dumps({"text": words}) + "\n" for _ in range(16)))
+    r = child_pissa("torch", model, str(data), str(Path(out) / "run"), "0")
+    return {**r, "sgemm_gflops": round(gflops, 1)}
+
+
+CHILDREN = {"pissa": child_pissa, "peft": child_peft, "trl": child_trl, "mlx_lm": child_mlx_lm,
+            "roofline": child_roofline}
+
+
+def child(kind: str, *args) -> dict:
+    proc = subprocess.run([sys.executable, __file__, "--child", kind, *map(str, args)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        return {"error": (proc.stderr.strip().splitlines() or ["?"])[-1][:200]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def flops_per_token(model_dir: Path) -> float:
+    """Training FLOPs per token of a LoRA run: 2 per weight in the forward, 2 more for the input
+    gradients in the backward (the frozen weights need no weight gradient), with the head's."""
+    from pissa.files.loaders import open_model
+
+    weights = sum(int(math.prod(s)) for n, s in open_model(str(model_dir)).shapes().items()
+                  if len(s) == 2 and "embed_tokens" not in n)
+    cfg = json.loads((model_dir / "config.json").read_text())
+    if cfg.get("tie_word_embeddings"):
+        weights += cfg["vocab_size"] * cfg["hidden_size"]
+    return 4.0 * weights
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="smollm2", help="smollm2 (the embedded SmolLM2-135M) or 1b (a random 1.2B "
+                                                      "Llama in bf16, made by scripts/bench_memory.py)")
+    p.add_argument("--records", type=int, default=128)
+    p.add_argument("--only", default=None, help="comma-separated rows to run (pissa,pissa-padded,peft,trl-padding-free,"
+                                                 "trl-packing,pissa-mlx,mlx-lm,roofline)")
+    p.add_argument("--work", default=None)
+    p.add_argument("--smoke", action="store_true", help="16 records: checks the script runs (numbers mean nothing)")
+    p.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        kind, *rest = args.child
+        print(json.dumps(CHILDREN[kind](*rest)))
+        return
+
+    from pissa.adapters.spec import AdapterSpec
+    from pissa.jobs.init import run_init
+
+    print(threading_environment())
+    work = Path(args.work or tempfile.mkdtemp(prefix="pissa-bench-train-"))
+    work.mkdir(parents=True, exist_ok=True)
+    n = 16 if args.smoke else args.records
+    data = work / "records.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in make_records(n)))
+    if args.model == "1b":
+        from bench_memory import make_model
+
+        source = make_model(work / "model-1b")
+    else:
+        source = work / "smollm2"
+        if not (source / "config.json").is_file():
+            run_init("smollm2-135m", source, AdapterSpec(kind="full", dtype="float32"), progress=False)
+    init = work / "init"
+    if not (init / "pissa_init").is_dir():
+        run_init(str(source), init, AdapterSpec(rank=RANK, init="pissa-fast", dtype="float32",
+                                                compute_dtype="float32"), progress=False)
+    counts = token_counts(init, data)
+    print(f"records: {counts}")
+    plan = {
+        "pissa": ("pissa", "torch", init, data, work / "run-pissa", "1"),
+        "pissa-padded": ("pissa", "torch", init, data, work / "run-padded", "0"),
+        "peft": ("peft", source, data),
+        "trl-padding-free": ("trl", source, data, work / "trl-pf", "padding_free"),
+        "trl-packing": ("trl", source, data, work / "trl-pack", "packing"),
+        "pissa-mlx": ("pissa", "mlx", init, data, work / "run-mlx", "1"),
+        "mlx-lm": ("mlx_lm", source, data, work / "mlx-lm"),
+        "roofline": ("roofline", init, work / "roofline"),
+    }
+    only = args.only.split(",") if args.only else list(plan)
+    results = {}
+    for name in only:
+        kind, *rest = plan[name]
+        results[name] = r = child(kind, *rest)
+        if "tokens" in r:
+            r["tokens_per_s"] = r["tokens"] / r["train_seconds"]
+        print(f"{name}: {r}", flush=True)
+
+    def tps(name):
+        return results.get(name, {}).get("tokens_per_s")
+
+    print("\n| trainer | real tokens/s | peak RSS MiB | note |\n| --- | --- | --- | --- |")
+    for name, r in results.items():
+        note = r.get("error") or r.get("batching", "")
+        print(f"| {name} | {r.get('tokens_per_s', float('nan')):.0f} | {r.get('rss_peak_mib', '')} | {note} |")
+    ratios = [("pissa torch / PEFT padded loop", tps("pissa"), tps("peft"), 2.0),
+              ("pissa torch / TRL best", tps("pissa"), max(filter(None, [tps("trl-padding-free"), tps("trl-packing")]),
+                                                          default=None), 1.1),
+              ("pissa MLX / mlx-lm", tps("pissa-mlx"), tps("mlx-lm"), 2.0)]
+    print("\n| ratio | value | target |\n| --- | --- | --- |")
+    for name, a, b, target in ratios:
+        if a and b:
+            print(f"| {name} | {a / b:.2f} | >= {target} |")
+    if "roofline" in results and "sgemm_gflops" in results["roofline"]:
+        r = results["roofline"]
+        ideal = r["sgemm_gflops"] * 1e9 / flops_per_token(init)
+        print(f"| roofline fraction (equal-length rows, pissa torch) | {r['tokens_per_s'] / ideal:.2f} | >= 0.7 |")
+        print(f"\nsgemm {r['sgemm_gflops']:.0f} GFLOP/s; {flops_per_token(init) / 1e9:.2f} GFLOP per trained token: "
+              f"ideal {ideal:.0f} tokens/s")
+    if not args.work:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -110,10 +110,11 @@ def test_one_step_gives_the_same_m_on_both_backends(kind, one_step_runs):
     # AdamW's first step moves an entry by lr * g / (|g| + eps), eps = 1e-8: about lr wherever the
     # gradient is well above eps. The backends' float32 gradients (each a chunked, labelled-only
     # loss) differ in rounding only, which shows where |g| is near eps: measured, a few entries
-    # per weight at most, the worst 2.1e-3 of the move (layer 1 q_proj), and 1e-5 of the move or
-    # less on every entry that moved by more than 0.99 lr (99% of each weight's entries or more,
-    # 98.5% on one). So: within 1e-2 of the move everywhere (a flipped sign would be 2x the move),
-    # and within 1e-4 of it on the entries that moved fully.
+    # per weight, the worst 2.1e-3 of the move on two threads and 1.05e-2 on one (layer 1 q_proj:
+    # rounding follows the thread count), and 1e-5 of the move or less on every entry that moved
+    # by more than 0.99 lr (99% of each weight's entries or more, 98.5% on one). So: within 5e-2
+    # of the move everywhere (a flipped sign would be 2x the move), and within 1e-4 of it on the
+    # entries that moved fully.
     t = load_adapter(one_step_runs[kind, "torch"] / "adapter")
     m = load_adapter(one_step_runs[kind, "mlx"] / "adapter")
     assert t.spec.kind == m.spec.kind == "mora"
@@ -123,7 +124,7 @@ def test_one_step_gives_the_same_m_on_both_backends(kind, one_step_runs):
         assert moved > 1e-3, name
         diff = np.abs(M_t - M_m)
         full = np.abs(M_t) > 0.99 * moved
-        assert diff.max() <= 1e-2 * moved, name
+        assert diff.max() <= 5e-2 * moved, name
         assert full.mean() > 0.9 and diff[full].max() <= 1e-4 * moved, name
 
 

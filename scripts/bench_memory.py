@@ -25,11 +25,10 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _bench import threading_environment  # noqa: E402
+from _bench import measured, threading_environment  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "data" / "arith"
@@ -96,20 +95,6 @@ def largest_tensor_bytes(folder: Path) -> int:
 
 
 # ---------------------------------------------------------------- measurements (child side)
-def measured(fn) -> dict:
-    """fn()'s result with the child's peaks: resident (ru_maxrss) and anonymous (sampled), and the
-    anonymous memory before fn ran (the process's baseline: interpreter, libraries)."""
-    from pissa.memory import AnonPeak, anon_mib, peak_rss_mib
-
-    base = anon_mib()
-    t = time.perf_counter()
-    with AnonPeak() as anon:
-        out = fn() or {}
-    return {**out, "seconds": round(time.perf_counter() - t, 1), "rss_peak_mib": round(peak_rss_mib()),
-            "anon_peak_mib": round(anon.mib) if anon.mib is not None else None,
-            "anon_base_mib": round(base) if base is not None else None}
-
-
 def child_init(model: str, out: str, init: str, kind: str) -> dict:
     from pissa.adapters.spec import AdapterSpec
     from pissa.jobs.init import run_init

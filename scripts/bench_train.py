@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _bench import threading_environment  # noqa: E402
+from _bench import measured, threading_environment  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RANK, LR, BATCH, MAX_LEN = 16, 1e-4, 4, 512
@@ -70,17 +70,6 @@ def token_counts(model_dir: Path, data: Path) -> dict:
 
 
 # ---------------------------------------------------------------- children
-def measured(fn) -> dict:
-    from pissa.memory import AnonPeak, peak_rss_mib
-
-    t = time.perf_counter()
-    with AnonPeak(0.01) as anon:
-        out = fn()
-    seconds = time.perf_counter() - t
-    return {**out, "seconds": round(seconds, 1), "rss_peak_mib": round(peak_rss_mib()),
-            "anon_peak_mib": round(anon.mib) if anon.mib is not None else None}
-
-
 def child_pissa(backend: str, model: str, data: str, out: str, packing: str) -> dict:
     from pissa.training.run import TrainConfig
     from pissa.training.train import train
@@ -94,7 +83,7 @@ def child_pissa(backend: str, model: str, data: str, out: str, packing: str) -> 
         config = json.loads((Path(out) / "config.json").read_text())
         return {"tokens": sum(r.get("tokens", 0) for r in rows), "steps": s["steps"], "batching": config["batching"],
                 "train_seconds": s["seconds"]}
-    return measured(run)
+    return measured(run, interval=0.01)
 
 
 def _peft_model(model_dir: str):
@@ -132,7 +121,7 @@ def child_peft(model: str, data: str) -> dict:
             opt.zero_grad()
             tokens += int(b["attention_mask"].sum())
         return {"tokens": tokens, "train_seconds": round(time.perf_counter() - t0, 1)}
-    return measured(run)
+    return measured(run, interval=0.01)
 
 
 def child_trl(model: str, data: str, out: str, how: str) -> dict:
@@ -156,7 +145,7 @@ def child_trl(model: str, data: str, out: str, how: str) -> dict:
         t0 = time.perf_counter()
         trainer.train()
         return {"tokens": tokens, "train_seconds": round(time.perf_counter() - t0, 1)}
-    return measured(run)
+    return measured(run, interval=0.01)
 
 
 def child_mlx_lm(model: str, data: str, out: str) -> dict:
@@ -187,7 +176,7 @@ def child_mlx_lm(model: str, data: str, out: str) -> dict:
         tokens = sum(len(dataset[i][0]) for i in range(len(dataset)))
         return {"tokens": tokens, "train_seconds": round(time.perf_counter() - t0, 1),
                 "mlx_peak_mib": round(mx.get_peak_memory() / 2**20)}
-    return measured(run)
+    return measured(run, interval=0.01)
 
 
 def child_roofline(model: str, out: str) -> dict:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import platform
+import sys
 import time
 
 VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
@@ -27,13 +28,20 @@ def threading_environment() -> str:
 def measured(fn, interval: float = 0.005) -> dict:
     """fn()'s result (a dict, or None) with this process's peaks: resident (ru_maxrss) and anonymous
     (sampled every `interval` s), the anonymous memory before fn ran (the baseline: interpreter,
-    libraries) and the seconds it took. The benchmarks run each measured thing in a child of its own."""
+    libraries) and the seconds it took; where fn used a CUDA GPU, that device's peak too (torch's
+    max_memory_allocated: tensors only, not the allocator's cache). The benchmarks run each measured
+    thing in a child of its own, so each peak is that thing's alone."""
     from pissa.memory import AnonPeak, anon_mib, peak_rss_mib
 
     base = anon_mib()
     t = time.perf_counter()
     with AnonPeak(interval) as anon:
         out = fn() or {}
-    return {**out, "seconds": round(time.perf_counter() - t, 1), "rss_peak_mib": round(peak_rss_mib()),
-            "anon_peak_mib": round(anon.mib) if anon.mib is not None else None,
-            "anon_base_mib": round(base) if base is not None else None}
+    out = {**out, "seconds": round(time.perf_counter() - t, 1), "rss_peak_mib": round(peak_rss_mib()),
+           "anon_peak_mib": round(anon.mib) if anon.mib is not None else None,
+           "anon_base_mib": round(base) if base is not None else None}
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["cuda_peak_mib"] = round(torch.cuda.max_memory_allocated() / 2**20)
+        out["cuda_reserved_mib"] = round(torch.cuda.max_memory_reserved() / 2**20)
+    return out

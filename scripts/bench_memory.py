@@ -5,14 +5,15 @@ intermediate, 16 blocks, SmolLM2's 49k vocabulary and tokenizer, untied head) th
 writes in bf16, in 1 GiB shards; nothing is downloaded.
 
     python scripts/bench_memory.py [--work DIR] [--parts init,train,eval,kl] [--backends torch,mlx]
-                                   [--seq 256] [--keep]
+                                   [--seq 256] [--steps 2] [--keep]
 
 Each measurement runs in a child process of its own, so that each peak is its alone. Two peaks
 per row: the resident set (ru_maxrss, which counts the pages of memory-mapped weight files the
 kernel can drop) and the anonymous memory (RssAnon, sampled every 5 ms: what the process itself
 holds). Training rows also show the scaling model's prediction for the same shapes and sequence
 (scripts/scaling_model.py memory(), whose terms docs/scaling.md explains) beside the measured
-growth over the process's baseline.
+growth over the process's baseline; on a CUDA machine the torch rows add the GPU's peak (torch's
+max_memory_allocated), and the training rows set that against the model instead.
 """
 
 from __future__ import annotations
@@ -105,15 +106,18 @@ def child_init(model: str, out: str, init: str, kind: str) -> dict:
                                               progress=False).line()})
 
 
-def child_train(backend: str, model: str, out: str, precision: str, seq: int) -> dict:
+def child_train(backend: str, model: str, out: str, precision: str, seq: str, steps: str) -> dict:
     from pissa.training.run import TrainConfig
     from pissa.training.train import train
 
-    cfg = TrainConfig(steps=2, batch_size=1, max_seq_len=seq, lr=1e-4, precision=precision,
+    cfg = TrainConfig(steps=int(steps), batch_size=1, max_seq_len=int(seq), lr=1e-4, precision=precision,
                       grad_checkpointing=True)
+    data = Path(out).with_name("text.jsonl")  # plain text: every row is full, whatever --seq
+    data.write_text("".join(json.dumps({"text": " ".join(["the model reads and writes text"] * 400)}) + "\n"
+                            for _ in range(4)))
 
     def run():
-        s = train(backend, model, DATA / "train.jsonl", out, cfg, force=True, progress=False)
+        s = train(backend, model, data, out, cfg, force=True, progress=False)
         extra = {"tokens_per_s": round(s["tokens_per_s"], 1)}
         if backend == "mlx":
             import mlx.core as mx
@@ -174,6 +178,8 @@ def main() -> None:
     p.add_argument("--parts", default="init,train,eval,kl")
     p.add_argument("--backends", default="torch,mlx")
     p.add_argument("--seq", type=int, default=256, help="tokens per training sequence (default 256)")
+    p.add_argument("--steps", type=int, default=2, help="training steps per row (default 2; bf16 matmuls on a CPU "
+                                                        "without bf16 units are very slow: 1 step and a short --seq)")
     p.add_argument("--keep", action="store_true", help="keep --work afterwards")
     p.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -191,8 +197,9 @@ def main() -> None:
           f"largest tensor {largest / MIB:.0f} MiB")
     rows = []
     init = work / "init-lora"
-    if "init" in parts or not (init / "pissa_init").is_dir():
-        for name, method, kind in (("lora", "lora", "lora"), ("pissa-fast", "pissa-fast", "lora")):
+    if "init" in parts or not (init / "pissa_init").is_dir():  # the other parts need init-lora only
+        for name, method, kind in (("lora", "lora", "lora"), ("pissa-fast", "pissa-fast", "lora"))[
+                :2 if "init" in parts else 1]:
             r = child("init", model, work / f"init-{name}", method, kind)
             rows.append((f"init --init {name} (numpy, bf16 out)", r, f"anon peak / largest tensor "
                          f"{r['anon_peak_mib'] / (largest / MIB):.2f}"))
@@ -200,13 +207,16 @@ def main() -> None:
         for backend in backends:
             peaks = {}
             for precision in ("fp32", "bf16"):
-                r = child("train", backend, init, work / f"run-{backend}-{precision}", precision, args.seq)
-                grew = r["anon_peak_mib"] - r["anon_base_mib"]
+                r = child("train", backend, init, work / f"run-{backend}-{precision}", precision, args.seq, args.steps)
                 pred = predicted_train_mib(4 if precision == "fp32" else 2, args.seq)
-                peaks[precision] = r["anon_peak_mib"]
-                rows.append((f"train 2 steps, {backend}, {precision}", r,
-                             f"grew {grew:.0f} MiB, model predicts {pred:.0f} MiB ({grew / pred - 1:+.0%})"))
-            rows.append((f"train {backend}: bf16 / fp32 anon peak", {}, f"{peaks['bf16'] / peaks['fp32']:.2f}"))
+                if "cuda_peak_mib" in r:  # on a GPU the model's figure is the device's memory
+                    where, used = "CUDA", r["cuda_peak_mib"]
+                else:
+                    where, used = "anon", r["anon_peak_mib"] - r["anon_base_mib"]
+                peaks[precision] = r.get("cuda_peak_mib", r["anon_peak_mib"])
+                rows.append((f"train {args.steps} steps x {args.seq} tokens, {backend}, {precision}", r,
+                             f"{where} {used:.0f} MiB, model predicts {pred:.0f} MiB ({used / pred - 1:+.0%})"))
+            rows.append((f"train {backend}: bf16 / fp32 {where} peak", {}, f"{peaks['bf16'] / peaks['fp32']:.2f}"))
     if "eval" in parts:
         for backend in backends:
             rows.append((f"eval (4 prompts), {backend}", child("eval", backend, init), ""))
@@ -216,10 +226,11 @@ def main() -> None:
         rows += [("QPiSSA init (nf4, torch)", without, ""),
                  ("QPiSSA init + step-0 KL", with_kl,
                   f"KL / init anon peak {with_kl['anon_peak_mib'] / without['anon_peak_mib']:.2f}; {with_kl['kl_line']}")]
-    print("\n| measurement | seconds | peak RSS MiB | peak anonymous MiB | note |\n| --- | --- | --- | --- | --- |")
+    print("\n| measurement | seconds | peak RSS MiB | peak anonymous MiB | peak CUDA MiB | note |\n"
+          "| --- | --- | --- | --- | --- | --- |")
     for name, r, note in rows:
         print(f"| {name} | {r.get('seconds', '')} | {r.get('rss_peak_mib', '')} | {r.get('anon_peak_mib', '')} | "
-              f"{note} |")
+              f"{r.get('cuda_peak_mib', '')} | {note} |")
     if not args.keep and not args.work:
         shutil.rmtree(work, ignore_errors=True)
 

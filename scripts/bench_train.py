@@ -3,11 +3,15 @@ pissa with, in one run: real tokens per second (prompt and answer tokens of the 
 counted) and peak memory, each trainer in a child process of its own, all on the same records,
 model, rank and targets for one epoch.
 
-    python scripts/bench_train.py [--model smollm2|1b] [--records 128] [--only NAME,...] [--smoke]
+    python scripts/bench_train.py [--model smollm2|1b] [--records 128] [--precision fp32|bf16]
+                                  [--only NAME,...] [--smoke]
     pip install -e ".[bench]"   # TRL, the benchmark-only reference
 
 The records (made here, offline, seeded): a prompt of ~6-300 tokens and an answer of ~3-100,
 long-tailed as instruction data is (most short, a few long), the loss on the answer only.
+On a machine with a CUDA GPU the torch rows run on it (the MLX rows need Apple's or Linux's MLX).
+--precision bf16 trains every torch row in bf16 as its users would: pissa's frozen weights in bf16
+with float32 adapters, PEFT's model loaded in bf16 (its adapters stay float32), TRL with bf16=True.
 
 Rows:
 - pissa torch, packed (the default) and --no-packing;
@@ -36,6 +40,19 @@ from _bench import measured, threading_environment  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RANK, LR, BATCH, MAX_LEN = 16, 1e-4, 4, 512
+
+
+def device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def synchronize() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -70,12 +87,12 @@ def token_counts(model_dir: Path, data: Path) -> dict:
 
 
 # ---------------------------------------------------------------- children
-def child_pissa(backend: str, model: str, data: str, out: str, packing: str) -> dict:
+def child_pissa(backend: str, model: str, data: str, out: str, packing: str, precision: str) -> dict:
     from pissa.training.run import TrainConfig
     from pissa.training.train import train
 
     cfg = TrainConfig(epochs=1, batch_size=BATCH, lr=LR, max_seq_len=MAX_LEN, packing=packing == "1",
-                      precision="fp32", warmup_ratio=0.0)
+                      precision=precision, warmup_ratio=0.0)
 
     def run():
         s = train(backend, model, data, out, cfg, force=True, progress=False)
@@ -86,16 +103,17 @@ def child_pissa(backend: str, model: str, data: str, out: str, packing: str) -> 
     return measured(run, interval=0.01)
 
 
-def _peft_model(model_dir: str):
+def _peft_model(model_dir: str, precision: str):
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device())
     return get_peft_model(model, LoraConfig(r=RANK, lora_alpha=RANK, target_modules=TARGETS, task_type="CAUSAL_LM"))
 
 
-def child_peft(model: str, data: str) -> dict:
+def child_peft(model: str, data: str, precision: str) -> dict:
     """The loop most PEFT users write: shuffled batches padded to the longest, answer-only labels."""
     import torch
 
@@ -104,7 +122,7 @@ def child_peft(model: str, data: str) -> dict:
 
     tok = load_tokenizer(model)
     ds = load_dataset(data, tok, MAX_LEN)
-    net = _peft_model(model)
+    net = _peft_model(model, precision)
     net.train()
     opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=LR)
     plan = Plan([len(e.input_ids) for e in ds.examples], BATCH, MAX_LEN, 0, "padded")
@@ -112,7 +130,8 @@ def child_peft(model: str, data: str) -> dict:
     def run():
         t0, tokens = time.perf_counter(), 0
         for k in range(math.ceil(len(ds.examples) / BATCH)):
-            b = {key: torch.from_numpy(v) for key, v in collate_rows(ds.examples, plan.micro(k), pad_id(tok)).items()}
+            b = {key: torch.from_numpy(v).to(device())
+                 for key, v in collate_rows(ds.examples, plan.micro(k), pad_id(tok)).items()}
             logits = net(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
             loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), b["labels"][:, 1:].flatten(),
                                                      ignore_index=IGNORE)
@@ -120,11 +139,12 @@ def child_peft(model: str, data: str) -> dict:
             opt.step()
             opt.zero_grad()
             tokens += int(b["attention_mask"].sum())
+        synchronize()
         return {"tokens": tokens, "train_seconds": round(time.perf_counter() - t0, 1)}
     return measured(run, interval=0.01)
 
 
-def child_trl(model: str, data: str, out: str, how: str) -> dict:
+def child_trl(model: str, data: str, out: str, how: str, precision: str) -> dict:
     """TRL's SFTTrainer with PEFT's LoRA: how = "padding_free" or "packing" (bfd)."""
     from datasets import load_dataset as hf_load_dataset
     from transformers import AutoTokenizer
@@ -133,17 +153,19 @@ def child_trl(model: str, data: str, out: str, how: str) -> dict:
     dataset = hf_load_dataset("json", data_files=data, split="train")
     # padding-free without packing does not truncate (TRL refuses max_length then): the records fit anyway
     cfg = SFTConfig(output_dir=out, per_device_train_batch_size=BATCH, num_train_epochs=1, learning_rate=LR,
-                    max_length=None if how == "padding_free" else MAX_LEN, use_cpu=True, bf16=False,
+                    max_length=None if how == "padding_free" else MAX_LEN, use_cpu=device() == "cpu",
+                    bf16=precision == "bf16",
                     padding_free=how == "padding_free", packing=how == "packing", completion_only_loss=True,
                     logging_steps=1000, save_strategy="no", report_to=[], lr_scheduler_type="constant",
                     warmup_steps=0, dataloader_num_workers=0, disable_tqdm=True)
-    trainer = SFTTrainer(model=_peft_model(model), args=cfg, train_dataset=dataset,
+    trainer = SFTTrainer(model=_peft_model(model, precision), args=cfg, train_dataset=dataset,
                          processing_class=AutoTokenizer.from_pretrained(model))
     tokens = sum(len(x) for x in trainer.train_dataset["input_ids"])
 
     def run():
         t0 = time.perf_counter()
         trainer.train()
+        synchronize()
         return {"tokens": tokens, "train_seconds": round(time.perf_counter() - t0, 1)}
     return measured(run, interval=0.01)
 
@@ -179,23 +201,26 @@ def child_mlx_lm(model: str, data: str, out: str) -> dict:
     return measured(run, interval=0.01)
 
 
-def child_roofline(model: str, out: str) -> dict:
-    """sgemm GFLOP/s here, and pissa torch on equal-length full rows (batch 4 x MAX_LEN)."""
-    import numpy as np
+def child_roofline(model: str, out: str, precision: str) -> dict:
+    """The matrix product's GFLOP/s here (sgemm on a CPU; on a GPU in the training precision), and
+    pissa torch on equal-length full rows (batch 4 x MAX_LEN)."""
     import torch
 
-    a = torch.randn(2048, 2048)
+    n = 2048 if device() == "cpu" else 8192
+    a = torch.randn(n, n, device=device(), dtype=torch.bfloat16 if precision == "bf16" else torch.float32)
     for _ in range(2):
         a @ a
+    synchronize()
     t = time.perf_counter()
     for _ in range(10):
         a @ a
-    gflops = 10 * 2 * 2048**3 / (time.perf_counter() - t) / 1e9
+    synchronize()
+    gflops = 10 * 2 * n**3 / (time.perf_counter() - t) / 1e9
     data = Path(out) / "equal.jsonl"
     data.parent.mkdir(parents=True, exist_ok=True)
     words = " ".join(["the model reads and writes text"] * 200)
-    data.write_text("".join(json.dumps({"text": words}) + "\n" for _ in range(16)))
-    r = child_pissa("torch", model, str(data), str(Path(out) / "run"), "0")
+    data.write_text("".join(json.dumps({"text": words}) + "\n" for _ in range(16 if device() == "cpu" else 256)))
+    r = child_pissa("torch", model, str(data), str(Path(out) / "run"), "0", precision)
     return {**r, "sgemm_gflops": round(gflops, 1)}
 
 
@@ -228,6 +253,7 @@ def main() -> None:
     p.add_argument("--model", default="smollm2", help="smollm2 (the embedded SmolLM2-135M) or 1b (a random 1.2B "
                                                       "Llama in bf16, made by scripts/bench_memory.py)")
     p.add_argument("--records", type=int, default=128)
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="of every torch row (default fp32)")
     p.add_argument("--only", default=None, help="comma-separated rows to run (pissa,pissa-padded,peft,trl-padding-free,"
                                                  "trl-packing,pissa-mlx,mlx-lm,roofline)")
     p.add_argument("--work", default=None)
@@ -256,21 +282,28 @@ def main() -> None:
         source = work / "smollm2"
         if not (source / "config.json").is_file():
             run_init("smollm2-135m", source, AdapterSpec(kind="full", dtype="float32"), progress=False)
-    init = work / "init"
-    if not (init / "pissa_init").is_dir():
-        run_init(str(source), init, AdapterSpec(rank=RANK, init="pissa-fast", dtype="float32",
-                                                compute_dtype="float32"), progress=False)
+    init = work / f"init-{args.precision}"
+    if not (init / "pissa_init").is_dir():  # on a GPU torch decomposes there; a bf16 run keeps a bf16 residual
+        run_init(str(source), init, AdapterSpec(rank=RANK, init="pissa-fast", compute_dtype="float32",
+                                                dtype="float32" if args.precision == "fp32" else None),
+                 backend="torch" if device() == "cuda" else "numpy", progress=False)
+    from pissa.training.data import load_tokenizer
+
+    tok = load_tokenizer(init)  # a record longer than a row would be cut (pissa refuses an answer cut away)
+    records = [r for r in make_records(n) if len(tok(r["prompt"] + r["completion"])["input_ids"]) < MAX_LEN - 8]
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
     counts = token_counts(init, data)
     print(f"records: {counts}")
+    pr = args.precision
     plan = {
-        "pissa": ("pissa", "torch", init, data, work / "run-pissa", "1"),
-        "pissa-padded": ("pissa", "torch", init, data, work / "run-padded", "0"),
-        "peft": ("peft", source, data),
-        "trl-padding-free": ("trl", source, data, work / "trl-pf", "padding_free"),
-        "trl-packing": ("trl", source, data, work / "trl-pack", "packing"),
-        "pissa-mlx": ("pissa", "mlx", init, data, work / "run-mlx", "1"),
+        "pissa": ("pissa", "torch", init, data, work / "run-pissa", "1", pr),
+        "pissa-padded": ("pissa", "torch", init, data, work / "run-padded", "0", pr),
+        "peft": ("peft", source, data, pr),
+        "trl-padding-free": ("trl", source, data, work / "trl-pf", "padding_free", pr),
+        "trl-packing": ("trl", source, data, work / "trl-pack", "packing", pr),
+        "pissa-mlx": ("pissa", "mlx", init, data, work / "run-mlx", "1", pr),
         "mlx-lm": ("mlx_lm", source, data, work / "mlx-lm"),
-        "roofline": ("roofline", init, work / "roofline"),
+        "roofline": ("roofline", init, work / "roofline", pr),
     }
     only = args.only.split(",") if args.only else list(plan)
     results = {}
@@ -284,10 +317,12 @@ def main() -> None:
     def tps(name):
         return results.get(name, {}).get("tokens_per_s")
 
-    print("\n| trainer | real tokens/s | peak RSS MiB | note |\n| --- | --- | --- | --- |")
+    print(f"\n{device()}, {args.precision}\n| trainer | real tokens/s | peak RSS MiB | peak CUDA MiB | note |\n"
+          "| --- | --- | --- | --- | --- |")
     for name, r in results.items():
         note = r.get("error") or r.get("batching", "")
-        print(f"| {name} | {r.get('tokens_per_s', float('nan')):.0f} | {r.get('rss_peak_mib', '')} | {note} |")
+        print(f"| {name} | {r.get('tokens_per_s', float('nan')):.0f} | {r.get('rss_peak_mib', '')} | "
+              f"{r.get('cuda_peak_mib', '')} | {note} |")
     ratios = [("pissa torch / PEFT padded loop", tps("pissa"), tps("peft"), 2.0),
               ("pissa torch / TRL best", tps("pissa"), max(filter(None, [tps("trl-padding-free"), tps("trl-packing")]),
                                                           default=None), 1.1),
@@ -300,7 +335,7 @@ def main() -> None:
         r = results["roofline"]
         ideal = r["sgemm_gflops"] * 1e9 / flops_per_token(init)
         print(f"| roofline fraction (equal-length rows, pissa torch) | {r['tokens_per_s'] / ideal:.2f} | >= 0.7 |")
-        print(f"\nsgemm {r['sgemm_gflops']:.0f} GFLOP/s; {flops_per_token(init) / 1e9:.2f} GFLOP per trained token: "
+        print(f"\nmatrix product {r['sgemm_gflops']:.0f} GFLOP/s; {flops_per_token(init) / 1e9:.2f} GFLOP per trained token: "
               f"ideal {ideal:.0f} tokens/s")
     if not args.work:
         shutil.rmtree(work, ignore_errors=True)

@@ -129,7 +129,8 @@ def memory_of(dims: tuple[int, ...], seq: int = SEQ, micro: int = MICRO, ranks: 
 
 
 def memory_table() -> list[str]:
-    rows = ["| model | parameters | adapter (r 16) | DDP, any N | FSDP2 8 GPUs | FSDP2 64 GPUs | DDP, bf16 base |",
+    rows = ["| model | parameters | adapter (r 16) | DDP, any N (fp32) | FSDP2 8 GPUs (fp32) | FSDP2 64 GPUs (fp32) "
+            "| DDP, bf16 (CUDA's default) |",
             "| --- | --- | --- | --- | --- | --- | --- |"]
     for model in MODELS:
         total, adapter = params(model)

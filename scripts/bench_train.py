@@ -194,7 +194,7 @@ def child_mlx_lm(model: str, data: str, out: str) -> dict:
 
     def run():
         t0 = time.perf_counter()
-        train(net, optim.AdamW(learning_rate=LR), dataset, dataset, args=args)
+        train(net, optim.AdamW(learning_rate=LR), dataset, None, args=args)  # no validation passes: training only
         tokens = sum(len(dataset[i][0]) for i in range(len(dataset)))
         return {"tokens": tokens, "train_seconds": round(time.perf_counter() - t0, 1),
                 "mlx_peak_mib": round(mx.get_peak_memory() / 2**20)}

@@ -40,6 +40,7 @@ from _bench import measured, threading_environment  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RANK, LR, BATCH, MAX_LEN = 16, 1e-4, 4, 512
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def device() -> str:
@@ -53,7 +54,6 @@ def synchronize() -> None:
 
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 # ---------------------------------------------------------------- the data
@@ -267,13 +267,13 @@ def main() -> None:
 
     from pissa.adapters.spec import AdapterSpec
     from pissa.jobs.init import run_init
+    from pissa.training.data import load_tokenizer
 
     print(threading_environment())
     work = Path(args.work or tempfile.mkdtemp(prefix="pissa-bench-train-"))
     work.mkdir(parents=True, exist_ok=True)
     n = 16 if args.smoke else args.records
     data = work / "records.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in make_records(n)))
     if args.model == "1b":
         from bench_memory import make_model
 
@@ -287,8 +287,6 @@ def main() -> None:
         run_init(str(source), init, AdapterSpec(rank=RANK, init="pissa-fast", compute_dtype="float32",
                                                 dtype="float32" if args.precision == "fp32" else None),
                  backend="torch" if device() == "cuda" else "numpy", progress=False)
-    from pissa.training.data import load_tokenizer
-
     tok = load_tokenizer(init)  # a record longer than a row would be cut (pissa refuses an answer cut away)
     records = [r for r in make_records(n) if len(tok(r["prompt"] + r["completion"])["input_ids"]) < MAX_LEN - 8]
     data.write_text("".join(json.dumps(r) + "\n" for r in records))

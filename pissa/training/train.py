@@ -43,8 +43,9 @@ def train(backend: str, model_dir: str | Path, data: str | Path, out: str | Path
     if shard and not be.shards:
         raise PissaError(f"--shard is for the torch backend (FSDP2); {be.name} trains data-parallel: drop --shard")
     dev = be.device(device, group.local_rank if group.size > 1 else 0)
-    precision = resolve_precision(cfg.precision, *be.accelerator(dev))
-    if precision != "fp32" and not be.accelerator(dev)[0]:
+    accelerator, has_bf16 = be.accelerator(dev)
+    precision = resolve_precision(cfg.precision, accelerator, has_bf16)
+    if precision != "fp32" and not accelerator:
         print(f"pissa train: note: --precision {precision} on a CPU halves the frozen weights' memory, but a CPU "
               "without half-precision matrix units (AVX512-BF16, AMX) trains many times slower than in fp32, the "
               "CPU's default (85x per matmul measured on an AVX2 machine)", file=sys.stderr)

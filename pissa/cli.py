@@ -163,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the pissa_init folder of the model that was trained (PiSSA and LoRA; MoRA needs none)")
     c.add_argument("--trained", required=True, help="the trained adapter (RUN_DIR/adapter)")
     c.add_argument("--out", required=True, help="the LoRA folder to write (PEFT format)")
-    c.add_argument("--format", default="peft", help="peft (default) or mlx-lm (also writes mlx-lm files)")
+    c.add_argument("--format", default="peft", help="peft (default), or mlx-lm: also mlx-lm's files, in OUT/mlx_lm")
     c.add_argument("--force", action="store_true", help="replace a non-empty --out")
     c.set_defaults(func=_cmd_convert)
 
@@ -347,11 +347,12 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     with atomic_dir(Path(args.out), args.force) as tmp:
         save_adapter(tmp, lora)
         if args.format == "mlx-lm":
-            from pissa.files.formats.mlx_lm import save_mlx_adapter
+            from pissa.files.formats.mlx_lm import FOLDER, save_mlx_adapter
 
-            save_mlx_adapter(tmp, lora)
+            save_mlx_adapter(tmp / FOLDER, lora)
+    where = f" (mlx-lm: {Path(args.out) / 'mlx_lm'})" if args.format == "mlx-lm" else ""
     print(f"pissa convert: rank-{lora.spec.rank} LoRA over {len(lora.factors)} modules "
-          f"(alpha {lora.spec.alpha:g}) for the original model -> {args.out}")
+          f"(alpha {lora.spec.alpha:g}) for the original model -> {args.out}{where}")
     return 0
 
 

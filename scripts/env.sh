@@ -1,7 +1,7 @@
 # Source me: activates .venv and, on Linux, preloads OpenBLAS (OpenMP build) for MLX when it is
 # installed. See scripts/setup.sh for why the OpenMP build.
 _pissa_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-. "$_pissa_root/.venv/bin/activate"
+. "${PISSA_VENV:-$_pissa_root/.venv}/bin/activate"  # PISSA_VENV: scripts/check_latest.sh's venv
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 # Idle OpenMP threads (torch's, and OpenBLAS's for MLX) sleep instead of spinning. Measured here
 # (scripts/bench_threads.py, docs/benchmarks.md): with two jobs on the 2 cores, spinning threads

@@ -147,7 +147,7 @@ def test_the_converted_lora_gives_the_trained_model_on_the_original_bf16_base(ba
 
         ids = mx.array(PROMPT_IDS)
         model, _ = load(exact, runs[backend] / "adapter")
-        reference, _ = mlx_lm.load(str(base), adapter_path=str(lora))
+        reference, _ = mlx_lm.load(str(base), adapter_path=str(lora / "mlx_lm"))
         reference.set_dtype(mx.float32)  # mlx-lm keeps the bf16 weights; the trained model runs in float32
         ours, theirs = model(ids), reference(ids)
     assert rel_max_diff(np.array(ours.tolist()), np.array(theirs.tolist())) < 1e-5

@@ -185,7 +185,7 @@ def test_a_trained_gpt2_converts_and_merges_to_the_same_model_everywhere(backend
         import mlx.core as mx
         import mlx_lm
 
-        model, _ = mlx_lm.load(str(gpt2["hub"]), adapter_path=str(tmp_path / "lora"))
+        model, _ = mlx_lm.load(str(gpt2["hub"]), adapter_path=str(tmp_path / "lora" / "mlx_lm"))
         assert rel_max_diff(np.array(model(mx.array(PROMPT_IDS))), want) < 1e-5    # mlx-lm, original model
         merged, _ = mlx_lm.load(str(tmp_path / "merged"))
         assert rel_max_diff(np.array(merged(mx.array(PROMPT_IDS))), want) < 1e-5

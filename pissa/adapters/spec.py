@@ -26,32 +26,34 @@ _NOT_LINEAR = re.compile(r"(^|\.)(embed_tokens|embed_positions|wte|wpe|tokens_em
                          r"embed_out|output)$")
 _REGEX_CHARS = set(".*+?[](){}|^$\\")
 
-# Every field PEFT's LoraConfig writes (peft 0.21.2). tests/test_spec.py checks this list against the
-# installed PEFT, so a config PEFT writes is never rejected as unknown. Keys we read are in
-# _PEFT_READ; the others must keep PEFT's default value, or we would silently change the adapter.
-_PEFT_DEFAULTS: dict[str, Any] = {
-    "task_type": None, "peft_type": "LORA", "auto_mapping": None, "peft_version": None,
-    "base_model_name_or_path": None, "revision": None, "inference_mode": False,
-    "r": 8, "target_modules": None, "exclude_modules": None, "lora_alpha": 8,
-    "lora_dropout": 0.0, "fan_in_fan_out": False, "bias": "none", "use_rslora": False,
-    "modules_to_save": None, "init_lora_weights": True, "layers_to_transform": None,
-    "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {}, "megatron_config": None,
-    "megatron_core": "megatron.core", "trainable_token_indices": None, "loftq_config": {},
-    "eva_config": None, "corda_config": None, "use_dora": False, "alora_invocation_tokens": None,
-    "use_qalora": False, "qalora_group_size": 16, "layer_replication": None,
-    "lora_ga_config": None, "velora_config": None, "monteclora_config": None,
-    "lora_bias": False, "target_parameters": None, "use_bdlora": None, "arrow_config": None,
-    "kasa_config": None, "ensure_weight_tying": False,
+# What we write into adapter_config.json: the fields that say what a LoRA computes and where
+# (REFERENCE.md section 4), each known to every PEFT release since 0.13, so no PEFT the pins allow
+# warns about an unknown key; PEFT fills every other field with its own default when it loads ours.
+_PEFT_WRITTEN: dict[str, Any] = {
+    "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": None, "r": 8,
+    "lora_alpha": 8, "use_rslora": False, "target_modules": None, "init_lora_weights": True,
+    "lora_dropout": 0.0, "fan_in_fan_out": False, "bias": "none", "use_dora": False,
+    "modules_to_save": None, "rank_pattern": {}, "alpha_pattern": {},
 }
-# PEFT reads but never writes this one.
-_PEFT_NOT_WRITTEN = {"runtime_config": {"ephemeral_gpu_offload": False}}
+# Keys read as metadata: any value leaves what the adapter computes unchanged.
+_PEFT_METADATA = {
+    "peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping",
+    "peft_version", "runtime_config", "megatron_core",
+}
+# Keys pissa reads and applies.
 _PEFT_READ = {
-    "r", "lora_alpha", "use_rslora", "target_modules", "init_lora_weights", "peft_type",
-    "task_type", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping",
-    "peft_version", "lora_dropout", "runtime_config", "megatron_core",
+    "r", "lora_alpha", "use_rslora", "target_modules", "init_lora_weights", "lora_dropout",
     "fan_in_fan_out",  # about the base layer (GPT-2's Conv1D), not the adapter: pissa.files.formats.peft keeps it
 }
-_PEFT_EMPTY = (None, {}, [], False)
+# Any other key, one PEFT has today or adds tomorrow (a "<method>_config" in most releases), is
+# accepted only at the value PEFT writes while its feature is off: null, false, zero, empty, or
+# PEFT's default where that is something else (the keys listed here, peft 0.22).
+_PEFT_OFF: dict[str, Any] = {"bias": "none", "qalora_group_size": 16}
+_PEFT_EMPTY = (None, {}, [], "", False)  # 0 and 0.0 compare equal to False
+
+
+def _peft_key_is_off(key: str, value: Any) -> bool:
+    return value in _PEFT_EMPTY or (key in _PEFT_OFF and value == _PEFT_OFF[key])
 
 
 @dataclass(frozen=True)
@@ -260,9 +262,8 @@ class AdapterSpec:
         (oversampling, seed, dtype, compute_dtype, and the init method once initialized) go in
         "pissa_config.json" beside it via to_dict(); from_peft_config() takes them back as extras.
         """
-        cfg = dict(_PEFT_DEFAULTS)
+        cfg = dict(_PEFT_WRITTEN)
         cfg.update(
-            task_type="CAUSAL_LM",
             base_model_name_or_path=base_model,
             r=self.rank,
             lora_alpha=_plain_number(self.alpha),
@@ -278,23 +279,27 @@ class AdapterSpec:
     def from_peft_config(cls, cfg: Mapping[str, Any], extras: Mapping[str, Any] | None = None) -> "AdapterSpec":
         """Parse PEFT's adapter_config.json (plus our pissa_config.json extras, if any).
 
+        A key pissa does not read, known to PEFT or not (PEFT adds one in most releases), is
+        accepted at the value PEFT writes while its feature is off (null, false, zero, empty or
+        PEFT's default), and refused at any other value: then it changes what the adapter computes.
+
         Raises:
-            PissaError: for keys PEFT does not know, and for PEFT features pissa does not
-                implement (fan_in_fan_out aside, rank_pattern, ...) set to non-default values.
+            PissaError: for another peft_type, a missing r or target_modules, and any key pissa
+                does not read (rank_pattern, lora_bias, a newer PEFT's "<method>_config", ...)
+                set to a value other than off, naming each.
         """
         from pissa.adapters import inits, kinds
 
-        kind_keys = {k for name in kinds.names() for k in kinds.get(name).PEFT_KEYS}
-        unknown = sorted(set(cfg) - set(_PEFT_DEFAULTS) - set(_PEFT_NOT_WRITTEN) - kind_keys)
-        if unknown:
-            raise PissaError(f"unknown key(s) {unknown} in adapter_config.json; is this a PEFT LoRA adapter?")
         if cfg.get("peft_type", "LORA") != "LORA":
             raise PissaError(f"peft_type {cfg['peft_type']!r} is not supported; pissa reads LORA adapters")
-        unsupported = sorted(k for k, v in cfg.items() if k not in _PEFT_READ and k not in kind_keys
-                             and v not in _PEFT_EMPTY and v != _PEFT_DEFAULTS.get(k))
-        if unsupported:
-            raise PissaError(f"adapter_config.json sets {unsupported}, which pissa does not support; "
-                             "remove them or use PEFT for this adapter")
+        kind_keys = {k for name in kinds.names() for k in kinds.get(name).PEFT_KEYS}
+        active = [k for k, v in sorted(cfg.items()) if k not in _PEFT_METADATA | _PEFT_READ | kind_keys
+                  and not _peft_key_is_off(k, v)]
+        if active:
+            sets = ", ".join(f"{k}={_short(json.dumps(cfg[k]))}" for k in active)
+            raise PissaError(f"adapter_config.json sets {sets}: a PEFT feature pissa does not implement, which "
+                             "changes what the adapter computes; use PEFT for this adapter, or set it to null if it "
+                             "is meant to be off")
         if "r" not in cfg or "target_modules" not in cfg:
             raise PissaError("adapter_config.json lacks 'r' or 'target_modules'; is this a PEFT LoRA adapter?")
         fields: dict[str, Any] = dict(extras or {})
@@ -341,6 +346,10 @@ def parse_targets(text: str) -> str | tuple[str, ...]:
     if text == ALL_LINEAR or _REGEX_CHARS & set(text):
         return text
     return tuple(t.strip() for t in text.split(",") if t.strip())
+
+
+def _short(text: str, limit: int = 60) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _plain_number(x: float) -> int | float:

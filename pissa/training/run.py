@@ -182,7 +182,7 @@ class RunDir:
         """RUN_DIR/adapter (the trained adapter) and, when its kind has an exact LoRA form,
         RUN_DIR/lora (that LoRA on the original model: rank 2r for PiSSA, r_hat for sharing MoRA),
         each written atomically. A kind without one that mlx-lm runs as it is (DoRA) gets mlx-lm's
-        files in RUN_DIR/adapter too, for the init folder. Full fine-tuning writes RUN_DIR/model
+        files in RUN_DIR/adapter/mlx_lm too, for the init folder. Full fine-tuning writes RUN_DIR/model
         instead: the init folder's model with the trained weights, an ordinary model folder."""
         if trained.spec.kind_module.OUTPUT == "model":
             from pissa.jobs.merge import run_merge
@@ -193,7 +193,7 @@ class RunDir:
         with atomic_dir(self.path / "adapter", force=True) as tmp:
             peft_format.save_adapter(tmp, trained)
             if not converts and mlx_lm_format.form(trained.spec.kind_module) is not None:
-                mlx_lm_format.save_mlx_adapter(tmp, trained)
+                mlx_lm_format.save_mlx_adapter(tmp / mlx_lm_format.FOLDER, trained)
         if not converts:
             return
         lora = to_lora(initial, trained)

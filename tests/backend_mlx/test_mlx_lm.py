@@ -70,17 +70,18 @@ def exported(mlx_run, tiny_chat, tmp_path_factory):
 def test_the_exported_files_are_mlx_lms(exported):
     from pissa.files.formats.safetensors import SafetensorsFile
 
-    cfg = json.loads((exported / "adapter_config.json").read_text())
+    cfg = json.loads((exported / "mlx_lm" / "adapter_config.json").read_text())
     assert cfg["fine_tune_type"] == "lora" and cfg["num_layers"] == -1
     params = cfg["lora_parameters"]
-    peft = load_adapter(exported)  # the PEFT files sit beside mlx-lm's in the same folder
+    peft = load_adapter(exported)  # PEFT's files, with mlx-lm's in a folder of their own
+    assert "fine_tune_type" not in json.loads((exported / "adapter_config.json").read_text())
     assert params["rank"] == 8 and params["dropout"] == 0.0 and params["scale"] == pytest.approx(peft.spec.scale)
     assert params["keys"] == sorted(["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                                      "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"])
-    f = SafetensorsFile(exported / "adapters.safetensors")
+    f = SafetensorsFile(exported / "mlx_lm" / "adapters.safetensors")
     assert f.shape("model.layers.0.mlp.down_proj.lora_a") == (128, 8)   # [in, 2r]
     assert f.shape("model.layers.0.mlp.down_proj.lora_b") == (8, 64)    # [2r, out]
-    back = load_mlx_adapter(exported)
+    back = load_mlx_adapter(exported / "mlx_lm")
     assert back.spec.rank == 8 and back.spec.scale == pytest.approx(peft.spec.scale)
     assert all(np.array_equal(back.factors[m][0], A) and np.array_equal(back.factors[m][1], B)
                for m, (A, B) in peft.factors.items())
@@ -88,14 +89,15 @@ def test_the_exported_files_are_mlx_lms(exported):
 
 def test_the_exported_lora_on_the_original_model_gives_the_trained_logits(exported, mlx_run, tiny_chat):
     ours = pissa_logits(tiny_chat, mlx_run / "adapter")
-    theirs = mlx_lm_logits(tiny_chat.parent / "base", exported)
+    theirs = mlx_lm_logits(tiny_chat.parent / "base", exported / "mlx_lm")
     assert rel_max_diff(theirs, ours) < 1e-4
     assert rel_max_diff(ours, pissa_logits(tiny_chat)) > 1e-3  # training changed the model
 
 
-@pytest.mark.filterwarnings("ignore:Unexpected keyword arguments:UserWarning")
+@pytest.mark.filterwarnings("error:Unexpected keyword arguments:UserWarning")
 def test_the_exported_folder_still_loads_in_peft(exported, mlx_run, tiny_chat):
-    """Both formats name their config adapter_config.json: the one folder holds both sets of fields."""
+    """Both formats name their config adapter_config.json: mlx-lm's is in mlx_lm/, so PEFT reads its own
+    without the warning it gave when both sets of fields shared one file (an error here)."""
     torch = pytest.importorskip("torch")
     peft = pytest.importorskip("peft")
     from transformers import AutoModelForCausalLM
@@ -167,7 +169,7 @@ def test_smollm2_init_train_and_export_on_mlx(tmp_path, hf_smollm2):
                  "--out", str(lora), "--format", "mlx-lm"]) == 0
     ours = pissa_logits(out, run / "adapter")
     assert rel_max_diff(ours, reference) > 1e-3  # training changed the model
-    assert rel_max_diff(mlx_lm_logits(write_original_smollm2(tmp_path / "original"), lora), ours) < 1e-4
+    assert rel_max_diff(mlx_lm_logits(write_original_smollm2(tmp_path / "original"), lora / "mlx_lm"), ours) < 1e-4
     model, _ = pissa_torch.load(out, run / "adapter")
     with torch.no_grad():
         assert rel_max_diff(model(torch.tensor(PROMPT_IDS)).logits.numpy(), ours) < 1e-4

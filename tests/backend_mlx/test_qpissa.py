@@ -243,7 +243,7 @@ def test_qpissa_trains_and_converts_for_mlx_lm(qpissa_chat, tmp_path, capsys):
     assert len(losses) == 8 and np.mean(losses[-3:]) < np.mean(losses[:3]), losses
     assert main(["convert", "--initial", str(qpissa_chat / "pissa_init"), "--trained", str(run / "adapter"),
                  "--out", str(lora), "--format", "mlx-lm"]) == 0
-    assert (lora / "adapters.safetensors").is_file() and (lora / "adapter_config.json").is_file()
+    assert (lora / "mlx_lm" / "adapters.safetensors").is_file() and (lora / "adapter_config.json").is_file()
 
 
 def test_step0_logits_are_closer_to_the_original_than_qloras(qpissa_chat, tiny_chat):
@@ -338,5 +338,5 @@ def test_smollm2_qpissa_beats_qlora_at_step0_then_trains_and_converts(tmp_path):
     assert after < before - 0.1, (before, after)
     assert main(["convert", "--initial", str(out / "pissa_init"), "--trained", str(run / "adapter"),
                  "--out", str(lora), "--format", "mlx-lm"]) == 0
-    converted, _ = mlx_lm_load(str(original), adapter_path=str(lora))
+    converted, _ = mlx_lm_load(str(original), adapter_path=str(lora / "mlx_lm"))
     assert np.isfinite(np.array(converted(ids))).all()

@@ -3,12 +3,15 @@ float64 oracle (pissa.adapters.kinds.dora.merged), on a quantised base too; its 
 and its gradients against PEFT's own DoRA layer (peft/tuners/lora/variants.py, `use_dora=True`);
 then `pissa init --kind dora` + `pissa train` on a tiny chat model: torch and MLX train to the same
 adapter, PEFT loads RUN_DIR/adapter unchanged and gives our logits, `pissa merge` gives PEFT's
-logits in transformers, mlx-lm loads the same folder and gives our MLX logits, and convert refuses.
+logits in transformers, mlx-lm loads RUN_DIR/adapter/mlx_lm and gives our MLX logits, and convert refuses.
 
 Every bound below is derived from Higham's gamma_k = k eps / (1 - k eps) over the longest chain of
 roundings, applied to the absolute values of the terms (|a + b| <= |a| + |b|); none is fitted."""
 
 from __future__ import annotations
+
+import json
+import warnings
 
 import numpy as np
 import pytest
@@ -453,8 +456,14 @@ def test_the_trained_adapter_runs_in_peft_transformers_and_mlx_lm(init, trained_
     with torch.no_grad():
         base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
         plain = base(ids).logits.numpy()
-        served = peft.PeftModel.from_pretrained(base, adapter).eval()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            served = peft.PeftModel.from_pretrained(base, adapter).eval()
         theirs = served(ids).logits.numpy()
+    # PEFT's config holds PEFT's fields only (mlx-lm's are in adapter/mlx_lm): no "Unexpected keyword
+    # arguments ... upgrade PEFT" warning, nor any other.
+    assert not caught, [str(w.message) for w in caught]
+    assert "fine_tune_type" not in json.loads((adapter / "adapter_config.json").read_text())
     # (a) PEFT reads the files unchanged (the magnitude included) and gives both backends' logits.
     trained = load_adapter(adapter)
     for name, module in served.named_modules():
@@ -466,11 +475,11 @@ def test_the_trained_adapter_runs_in_peft_transformers_and_mlx_lm(init, trained_
     if "mlx" in FORWARD_BACKENDS:
         ours_mlx = mlx_logits(model_dir, adapter)
         assert rel_max_diff(ours_mlx, theirs) < LOGITS_REL
-        # (c) mlx-lm loads the same folder on the init folder (its own DoRA files) and gives ours.
+        # (c) mlx-lm loads its own DoRA files (adapter/mlx_lm) on the init folder and gives ours.
         import mlx.core as mx
         from mlx_lm import load
 
-        served_mlx, _ = load(str(model_dir), adapter_path=str(adapter))
+        served_mlx, _ = load(str(model_dir), adapter_path=str(adapter / "mlx_lm"))
         assert rel_max_diff(np.array(served_mlx(mx.array(PROMPT_IDS))), ours_mlx) < LOGITS_REL
     # (b) pissa merge writes the model PEFT's forward computes.
     assert main(["merge", str(model_dir), "--adapter", str(adapter), "--out", str(tmp_path / "merged")]) == 0

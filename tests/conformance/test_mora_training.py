@@ -115,7 +115,7 @@ def test_converted_sharing_adapter_serves_in_peft_and_mlx_lm(backend, runs, tiny
 
         model, _ = load(str(tiny_chat_base))
         plain = np.array(model(mx.array(PROMPT_IDS)))
-        model, _ = load(str(tiny_chat_base), adapter_path=str(lora_dir))
+        model, _ = load(str(tiny_chat_base), adapter_path=str(lora_dir / "mlx_lm"))
         theirs = np.array(model(mx.array(PROMPT_IDS)))
     assert rel_max_diff(theirs, ours) < 1e-4
     assert rel_max_diff(plain, ours) > 1e-3  # the adapter does change the model

@@ -19,9 +19,11 @@ We always write num_layers -1: a block whose module carries no weights in the fi
 LoRALinear's lora_b at zeros, so it adds exactly nothing, and an adapter on some blocks only
 (e.g. a regex over layer indices) still lands on the right ones.
 
-PEFT and mlx-lm both name their config adapter_config.json. `pissa convert --format mlx-lm` writes
-both formats into one folder, so the mlx-lm fields are added to PEFT's config there: mlx-lm ignores
-PEFT's keys, PEFT ignores (with a warning) mlx-lm's, and pissa.files.formats.peft skips them.
+PEFT and mlx-lm both name their config adapter_config.json, and PEFT warns (wrongly advising an
+upgrade) about mlx-lm's fields in it. So an adapter folder that holds both forms (`pissa convert
+--format mlx-lm`, a DoRA run's RUN_DIR/adapter) keeps mlx-lm's files in a folder of their own,
+DIR/mlx_lm (FOLDER): `mlx_lm.load(BASE, adapter_path=DIR/mlx_lm)`. Folders written before that,
+with both sets of fields in one config, still read: pissa.files.formats.peft skips mlx-lm's.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from pissa.adapters.spec import AdapterSpec, dumps
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapters.safetensors"
+FOLDER = "mlx_lm"  # mlx-lm's files inside an adapter folder that also holds PEFT's
 _BLOCK = re.compile(r"^(?:.*\.)?(?:layers|h)\.(\d+)\.(.+)$")  # model.layers (Llama), model.h (GPT-2)
 
 
@@ -56,14 +59,14 @@ def form(kind) -> tuple[str, dict[str, str]] | None:
 
 
 def save_mlx_adapter(folder: str | Path, adapter: Adapter) -> None:
-    """Write `adapter` as mlx-lm files into `folder` (which must exist): a plain LoRA (e.g. the
+    """Write `adapter` as mlx-lm files into `folder` (created if missing): a plain LoRA (e.g. the
     rank-2r result of pissa convert) for `mlx_lm.load(BASE, adapter_path=folder)` or
     `mlx_lm.generate --model BASE --adapter-path folder` on the ORIGINAL base model; a kind with
     its own mlx-lm form (DoRA) for the model it was trained on (the pissa init folder).
 
     Module paths are turned into mlx-lm's: the same for Llama-family models; for GPT-2, whose
     adapters record model_type, "transformer.h.N" becomes mlx-lm's "model.h.N" (pissa.files.layouts).
-    An adapter_config.json already in `folder` (PEFT's) gets mlx-lm's fields added, not replaced.
+    Beside a PEFT adapter, `folder` is that adapter's FOLDER subfolder.
 
     Raises:
         PissaError: when the adapter is empty, or of a kind mlx-lm has no layer for.
@@ -76,6 +79,7 @@ def save_mlx_adapter(folder: str | Path, adapter: Adapter) -> None:
         raise PissaError(f"mlx-lm has no layer for a {kind.NAME} adapter; merge it into the model instead: "
                          "pissa merge MODEL_DIR --adapter ADAPTER --out MERGED")
     fine_tune_type, names = form(kind)
+    folder.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, np.ndarray] = {}
     model_type = adapter.info.get("model_type")
     for module, params in adapter.factors.items():
@@ -95,10 +99,7 @@ def save_mlx_adapter(folder: str | Path, adapter: Adapter) -> None:
             "keys": sorted({_key(m) for m in adapter.factors}),
         },
     }
-    existing = folder / CONFIG
-    if existing.is_file():  # a PEFT config of the same adapter: keep it, add mlx-lm's fields
-        cfg = {**json.loads(existing.read_text()), **cfg}
-    existing.write_text(dumps(cfg))
+    (folder / CONFIG).write_text(dumps(cfg))
 
 
 def load_mlx_adapter(folder: str | Path) -> Adapter:

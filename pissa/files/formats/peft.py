@@ -25,8 +25,8 @@ CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
 SIDECAR = "pissa_config.json"
 _PREFIX = "base_model.model."
-# mlx-lm's adapter config shares PEFT's file name; `pissa convert --format mlx-lm` writes one
-# config with both sets of fields (see pissa.files.formats.mlx_lm). These are mlx-lm's, skipped here.
+# mlx-lm's adapter config shares PEFT's file name; an older pissa wrote one config with both sets of
+# fields (pissa.files.formats.mlx_lm now keeps mlx-lm's in a folder of their own). Skipped when read.
 MLX_LM_KEYS = ("fine_tune_type", "num_layers", "lora_parameters")
 
 

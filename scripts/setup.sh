@@ -35,9 +35,11 @@ fi
 case "$(uname -s)" in
 Linux)
     # The CPU torch pin must come first: an unpinned torch would pull several GB of CUDA
-    # packages on these machines. Once it is installed, pyproject's torch>=2.4 is satisfied.
-    # (It is also in the constraints; without them, as in check_latest.sh, it still holds.)
-    "${install[@]}" "torch==2.13.0"
+    # packages on these machines. Once it is installed, pyproject's torch>=2.4 is satisfied; it is
+    # held there by a constraint of its own too, since an --upgrade (check_latest.sh) would replace it.
+    echo "torch==2.13.0" > "$venv/torch-pin.txt"
+    install+=(-c "$venv/torch-pin.txt")
+    "${install[@]}" torch
     # MLX on Linux links the reference BLAS (about 6 GFLOP/s); OpenBLAS, preloaded by
     # scripts/env.sh, makes it 20-30x faster. The OpenMP build, not the pthread one: torch runs
     # its own OpenMP threads, and next to OpenBLAS's pthreads it trained 4x slower (measured:

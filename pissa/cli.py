@@ -122,9 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--steps", type=_positive_int, default=None,
                    help="optimizer steps (default: --epochs' worth, else 100); wins over --epochs")
     t.add_argument("--epochs", type=_positive_int, default=None, help="whole passes over the data")
-    t.add_argument("--batch-size", type=_positive_int, default=4,
-                   help="rows per micro-batch (default 4); with packing a row holds as many records as fit in "
-                        "--max-seq-len tokens")
+    t.add_argument("--batch-size", type=_positive_int, default=None,
+                   help="rows per micro-batch (default 4), all ranks together; with packing a row holds as many "
+                        "records as fit in --max-seq-len tokens; with --batch-tokens a cap on the rows (default: none)")
+    t.add_argument("--batch-tokens", type=_positive_int, default=None,
+                   help="size micro-batches by real tokens instead: rows (of up to --max-seq-len) while they hold at "
+                        "most N tokens, all ranks together")
     t.add_argument("--packing", action=argparse.BooleanOptionalAction, default=True,
                    help="pack records into rows of --max-seq-len tokens, each attending only to itself (default); "
                         "--no-packing pads one record per row")
@@ -139,6 +142,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dropout on the adapter's input in training, PEFT's lora_dropout (default: the adapter's, 0 "
                         "for pissa init's)")
     t.add_argument("--eval-every", type=_non_negative_int, default=0, help="eval every N steps (default: at the end)")
+    t.add_argument("--log-every", type=_positive_int, default=1,
+                   help="read and log the loss every N steps (default 1); each read makes the host wait for the "
+                        "GPU, so on a GPU a larger N keeps it busy (NaN is then noticed up to N steps late, and "
+                        "always before a checkpoint)")
     t.add_argument("--save-every", type=_non_negative_int, default=0,
                    help="checkpoint every N steps (default: none; RUN_DIR/adapter holds the result)")
     t.add_argument("--save-at", default=None, metavar="STEPS",
@@ -148,6 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default 2; 0 keeps every one)")
     t.add_argument("--precision", default="auto", help="auto, fp32, bf16 or fp16 (auto: bf16 on CUDA, else fp32)")
     t.add_argument("--grad-checkpointing", action="store_true", help="recompute activations to save memory")
+    t.add_argument("--compile", action="store_true",
+                   help="torch backend: torch.compile each decoder layer (off by default: docs/benchmarks.md)")
     t.add_argument("--shard", action="store_true",
                    help="under torchrun: split weights, gradients and optimizer state over the ranks (FSDP2) "
                         "instead of a full replica per rank (DDP)")
@@ -315,13 +324,16 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     backend = _training_backend(args.backend)
     model_dir = init_folder(args.model_dir)  # a Hub id only when its model holds pissa_init/
-    cfg = TrainConfig(steps=args.steps, epochs=args.epochs, packing=args.packing, batch_size=args.batch_size,
+    batch_size = args.batch_size if args.batch_size is not None or args.batch_tokens else 4
+    cfg = TrainConfig(steps=args.steps, epochs=args.epochs, packing=args.packing, batch_size=batch_size,
+                      batch_tokens=args.batch_tokens,
                       grad_accum=args.grad_accum, lr=args.lr,
                       warmup_ratio=args.warmup_ratio, weight_decay=args.weight_decay,
                       max_grad_norm=args.max_grad_norm, max_seq_len=args.max_seq_len, seed=args.seed,
                       eval_every=args.eval_every, save_every=args.save_every,
                       save_at=_numbers(args.save_at, int, "save-at") or (), keep_checkpoints=args.keep_checkpoints,
-                      precision=args.precision, grad_checkpointing=args.grad_checkpointing)
+                      precision=args.precision, grad_checkpointing=args.grad_checkpointing, log_every=args.log_every,
+                      compile=args.compile)
     group = dist.current(args.dist_timeout)
     s = train(backend, model_dir, args.data, args.out, cfg, eval_data=args.eval_data, adapter=args.adapter,
               device=args.device, resume=args.resume, force=args.force, progress=not args.no_progress,

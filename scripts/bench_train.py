@@ -3,24 +3,35 @@ pissa with, in one run: real tokens per second (prompt and answer tokens of the 
 counted) and peak memory, each trainer in a child process of its own, all on the same records,
 model, rank and targets for one epoch.
 
-    python scripts/bench_train.py [--model smollm2|1b] [--records 128] [--precision fp32|bf16]
-                                  [--only NAME,...] [--smoke]
+    python scripts/bench_train.py [--model 135m|1b|8b] [--records 128] [--precision fp32|bf16]
+                                  [--only NAME,...] [--profile] [--smoke]
     pip install -e ".[bench]"   # TRL, the benchmark-only reference
 
+Models: 135m is the embedded SmolLM2-135M; 1b a random 1.2B Llama and 8b random weights in
+Llama-3-8B's shapes (bf16, a GPU only), both made on the spot with SmolLM2's tokenizer.
 The records (made here, offline, seeded): a prompt of ~6-300 tokens and an answer of ~3-100,
 long-tailed as instruction data is (most short, a few long), the loss on the answer only.
 On a machine with a CUDA GPU the torch rows run on it (the MLX rows need Apple's or Linux's MLX).
 --precision bf16 trains every torch row in bf16 as its users would: pissa's frozen weights in bf16
 with float32 adapters, PEFT's model loaded in bf16 (its adapters stay float32), TRL with bf16=True.
 
+pissa's rows report steady-state tokens/s: from the end of the first step to the end of the last
+(metrics.jsonl's elapsed), so neither the first step's warm-up (allocations, compilation) nor the
+set-up and final writes count; the others' seconds are their whole train() call. MFU is the
+training FLOPs of the tokens (flops_per_token) per second over the matrix product's measured peak.
+
 Rows:
-- pissa torch, packed (the default) and --no-packing;
+- pissa torch, packed (the default) and --no-packing; pissa MLX, packed and --no-packing;
 - PEFT + transformers in the loop most users write: shuffled batches of 4 records padded to the
   longest, labels on the answer, AdamW;
 - TRL's SFTTrainer with PEFT, with its padding-free batches and with its packing (bfd);
-- pissa MLX, packed, and mlx-lm's LoRA trainer (sorted by length, padded to a multiple of 32);
-- the roofline on this machine: what an ideal trainer reaches at the measured sgemm speed, from
+- mlx-lm's LoRA trainer (sorted by length, padded to a multiple of 32);
+- row shape, on each backend: short records (25-70 tokens) in one row of 2048 tokens a step against
+  8 rows of 256 (the same tokens a step): what attention within each record saves a packed row;
+- the roofline on this machine: what an ideal trainer reaches at the measured matrix speed, from
   pissa torch on equal-length, full rows (where padding and prompts cost nothing to anyone).
+--profile adds torch.profiler's breakdown of pissa torch's steady steps: attention, the adapters'
+products, the loss, the optimizer, all matrix products, and on a GPU its busy and idle time.
 """
 
 from __future__ import annotations
@@ -40,6 +51,9 @@ from _bench import measured, threading_environment  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RANK, LR, BATCH, MAX_LEN = 16, 1e-4, 4, 512
+SHORT_ROWS = {"rows-2048x1": (2048, 1), "rows-256x8": (256, 8)}  # (--max-seq-len, --batch-size): 2048 tokens a step
+# Llama-3-8B's shapes (random weights, bf16): the GPU benchmark's users' scale.
+LLAMA3_8B = {"hidden": 4096, "inter": 14336, "layers": 32, "heads": 32, "kv": 8, "vocab": 128256}
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -76,8 +90,25 @@ def make_records(n: int, seed: int = 0) -> list[dict]:
     return [{"prompt": text(5, 230, 1.2) + "\n", "completion": text(2, 75, 1.5)} for _ in range(n)]
 
 
+def make_short_records(n: int, seed: int = 1) -> list[dict]:
+    """Short prompt/completion records of about 25-70 tokens, to fill rows of 256 or 2048 tokens."""
+    import numpy as np
+
+    from pissa.studies.forgetting import GENERAL
+
+    words = " ".join(json.loads(line)["text"] for line in GENERAL.read_text().splitlines()).split()
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        k, a = int(rng.integers(12, 35)), int(rng.integers(5, 18))
+        start = int(rng.integers(0, len(words) - k - a))
+        out.append({"prompt": " ".join(words[start:start + k]) + "\n", "completion": " ".join(words[start + k:start + k + a])})
+    return out
+
+
 def token_counts(model_dir: Path, data: Path) -> dict:
-    from pissa.training.data import load_dataset, load_tokenizer
+    from pissa.training.data import load_dataset
+    from pissa.files.tokenizer import load_tokenizer
 
     ds = load_dataset(data, load_tokenizer(model_dir), MAX_LEN)
     lengths = [len(e.input_ids) for e in ds.examples]
@@ -87,20 +118,99 @@ def token_counts(model_dir: Path, data: Path) -> dict:
 
 
 # ---------------------------------------------------------------- children
-def child_pissa(backend: str, model: str, data: str, out: str, packing: str, precision: str) -> dict:
+def steady(rows: list[dict]) -> float | None:
+    """Tokens per second from the end of the first step to the end of the last (metrics.jsonl)."""
+    steps = [r for r in rows if "loss" in r]
+    if len(steps) < 2:
+        return None
+    return sum(r["tokens"] for r in steps[1:]) / max(steps[-1]["elapsed"] - steps[0]["elapsed"], 1e-9)
+
+
+def child_pissa(backend: str, model: str, data: str, out: str, packing: str, precision: str,
+                batch: str = str(BATCH), max_len: str = str(MAX_LEN), profile: str = "0") -> dict:
     from pissa.training.run import TrainConfig
     from pissa.training.train import train
 
-    cfg = TrainConfig(epochs=1, batch_size=BATCH, lr=LR, max_seq_len=MAX_LEN, packing=packing == "1",
+    cfg = TrainConfig(epochs=1, batch_size=int(batch), lr=LR, max_seq_len=int(max_len), packing=packing == "1",
                       precision=precision, warmup_ratio=0.0)
 
     def run():
+        profiler = profiled() if profile == "1" else None
         s = train(backend, model, data, out, cfg, force=True, progress=False)
         rows = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
         config = json.loads((Path(out) / "config.json").read_text())
-        return {"tokens": sum(r.get("tokens", 0) for r in rows), "steps": s["steps"], "batching": config["batching"],
-                "train_seconds": s["seconds"]}
+        result = {"tokens": sum(r.get("tokens", 0) for r in rows), "steps": s["steps"], "batching": config["batching"],
+                  "train_seconds": s["seconds"], "steady_tokens_per_s": steady(rows)}
+        if backend == "mlx":
+            import mlx.core as mx
+
+            result["mlx_peak_mib"] = round(mx.get_peak_memory() / 2**20)
+        if profiler is not None:
+            result["profile"] = profiler.breakdown()
+        return result
     return measured(run, interval=0.01)
+
+
+class profiled:
+    """torch.profiler over steps 3-5 of a pissa torch run, with ranges around the parts a step is
+    made of (wrapped in place for this child process only): attention within records, the adapter
+    layers' products, the chunked loss, the optimizer step."""
+
+    PARTS = {"attention": ("pissa_torch.attention", "varlen"), "adapter": ("pissa_torch.layers.lora", "PissaLinear.update"),
+             "loss": ("pissa_torch.loss", "head_loss"), "optimizer": ("pissa_torch.train", "Trainer.update")}
+    MATMULS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear", "aten::_scaled_dot_product")
+
+    def __init__(self):
+        import importlib
+
+        import torch
+        from torch.profiler import ProfilerActivity, profile, record_function, schedule
+
+        self.torch = torch
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+        self.prof = profile(activities=activities, schedule=schedule(wait=1, warmup=1, active=3, repeat=1))
+        self.steps = 0
+        for name, (module, attr) in self.PARTS.items():
+            owner = importlib.import_module(module)
+            target, _, method = attr.partition(".")
+            holder = getattr(owner, target) if method else owner
+            real = getattr(holder, method or target)
+
+            def wrapped(*args, _real=real, _name=name, **kwargs):
+                with record_function(_name):
+                    return _real(*args, **kwargs)
+
+            setattr(holder, method or target, wrapped)
+        update = getattr(importlib.import_module("pissa_torch.train"), "Trainer").update
+
+        def step_and_tick(trainer, lr, _update=update):
+            _update(trainer, lr)
+            self.prof.step()
+            self.steps += 1
+
+        importlib.import_module("pissa_torch.train").Trainer.update = step_and_tick
+        self.prof.start()
+
+    def breakdown(self) -> dict:
+        """Milliseconds per profiled step: wall time, each part, all matrix products, and on CUDA the
+        GPU's busy time (its kernels') and idle time (wall - busy)."""
+        self.prof.stop()
+        events = self.prof.key_averages()
+        steps = 3
+        cuda = self.torch.cuda.is_available()
+
+        def total(e):
+            return (e.device_time_total if cuda else e.cpu_time_total) / 1e3 / steps
+
+        out = {name: round(sum(total(e) for e in events if e.key == name), 1) for name in self.PARTS}
+        out["matmuls"] = round(sum((e.self_device_time_total if cuda else e.self_cpu_time_total)
+                                   for e in events if e.key.startswith(self.MATMULS)) / 1e3 / steps, 1)
+        wall = [e for e in events if e.key.startswith("ProfilerStep")]
+        out["step_wall"] = round(sum(e.cpu_time_total for e in wall) / 1e3 / steps, 1)
+        if cuda:
+            busy = sum(e.self_device_time_total for e in events if e.device_type.name == "CUDA") / 1e3 / steps
+            out["gpu_busy"], out["gpu_idle"] = round(busy, 1), round(out["step_wall"] - busy, 1)
+        return out
 
 
 def _peft_model(model_dir: str, precision: str):
@@ -118,7 +228,9 @@ def child_peft(model: str, data: str, precision: str) -> dict:
     import torch
 
     from pissa.training.batches import Plan, collate_rows
-    from pissa.training.data import IGNORE, load_dataset, load_tokenizer, pad_id
+    from pissa.numeric.loss import IGNORE
+    from pissa.training.data import load_dataset
+    from pissa.files.tokenizer import load_tokenizer, pad_id
 
     tok = load_tokenizer(model)
     ds = load_dataset(data, tok, MAX_LEN)
@@ -248,14 +360,24 @@ def flops_per_token(model_dir: Path) -> float:
     return 4.0 * weights
 
 
+def rate(r: dict) -> float | None:
+    """A row's tokens/s: pissa's steady state, the others' whole train() call."""
+    if r.get("steady_tokens_per_s"):
+        return r["steady_tokens_per_s"]
+    return r["tokens"] / r["train_seconds"] if "tokens" in r and r.get("train_seconds") else None
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="smollm2", help="smollm2 (the embedded SmolLM2-135M) or 1b (a random 1.2B "
-                                                      "Llama in bf16, made by scripts/bench_memory.py)")
+    p.add_argument("--model", default="135m", choices=["135m", "smollm2", "1b", "8b"],
+                   help="135m (the embedded SmolLM2-135M; smollm2 says the same), 1b (a random 1.2B Llama) or 8b "
+                        "(random weights in Llama-3-8B's shapes: bf16, a GPU only)")
     p.add_argument("--records", type=int, default=128)
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="of every torch row (default fp32)")
     p.add_argument("--only", default=None, help="comma-separated rows to run (pissa,pissa-padded,peft,trl-padding-free,"
-                                                 "trl-packing,pissa-mlx,mlx-lm,roofline)")
+                                                 "trl-packing,pissa-mlx,pissa-mlx-padded,mlx-lm,rows-2048x1,"
+                                                 "rows-256x8,mlx-rows-2048x1,mlx-rows-256x8,roofline)")
+    p.add_argument("--profile", action="store_true", help="torch.profiler's breakdown of pissa torch's steady steps")
     p.add_argument("--work", default=None)
     p.add_argument("--smoke", action="store_true", help="16 records: checks the script runs (numbers mean nothing)")
     p.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
@@ -266,18 +388,20 @@ def main() -> None:
         return
 
     from pissa.adapters.spec import AdapterSpec
+    from pissa.files.tokenizer import load_tokenizer
     from pissa.jobs.init import run_init
-    from pissa.training.data import load_tokenizer
 
+    if args.model == "8b" and device() != "cuda":
+        raise SystemExit("bench_train: --model 8b needs a CUDA GPU (16 GiB of bf16 weights); use 135m or 1b here")
     print(threading_environment())
     work = Path(args.work or tempfile.mkdtemp(prefix="pissa-bench-train-"))
     work.mkdir(parents=True, exist_ok=True)
     n = 16 if args.smoke else args.records
-    data = work / "records.jsonl"
-    if args.model == "1b":
-        from bench_memory import make_model
+    data, short = work / "records.jsonl", work / "short.jsonl"
+    if args.model in ("1b", "8b"):
+        from bench_memory import MODEL, make_model
 
-        source = make_model(work / "model-1b")
+        source = make_model(work / f"model-{args.model}", MODEL if args.model == "1b" else LLAMA3_8B)
     else:
         source = work / "smollm2"
         if not (source / "config.json").is_file():
@@ -290,17 +414,24 @@ def main() -> None:
     tok = load_tokenizer(init)  # a record longer than a row would be cut (pissa refuses an answer cut away)
     records = [r for r in make_records(n) if len(tok(r["prompt"] + r["completion"])["input_ids"]) < MAX_LEN - 8]
     data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    # short records: 8 steps of 2048 tokens (a few more on a GPU)
+    short.write_text("".join(json.dumps(r) + "\n" for r in make_short_records(48 if args.smoke else
+                                                                               (1600 if device() == "cuda" else 400))))
     counts = token_counts(init, data)
     print(f"records: {counts}")
-    pr = args.precision
+    print(f"short records: {token_counts(init, short)}")
+    pr, prof = args.precision, "1" if args.profile else "0"
     plan = {
-        "pissa": ("pissa", "torch", init, data, work / "run-pissa", "1", pr),
+        "pissa": ("pissa", "torch", init, data, work / "run-pissa", "1", pr, BATCH, MAX_LEN, prof),
         "pissa-padded": ("pissa", "torch", init, data, work / "run-padded", "0", pr),
         "peft": ("peft", source, data, pr),
         "trl-padding-free": ("trl", source, data, work / "trl-pf", "padding_free", pr),
         "trl-packing": ("trl", source, data, work / "trl-pack", "packing", pr),
         "pissa-mlx": ("pissa", "mlx", init, data, work / "run-mlx", "1", pr),
+        "pissa-mlx-padded": ("pissa", "mlx", init, data, work / "run-mlx-padded", "0", pr),
         "mlx-lm": ("mlx_lm", source, data, work / "mlx-lm"),
+        **{f"{prefix}{name}": ("pissa", backend, init, short, work / f"run-{backend}-{name}", "1", pr, batch, length)
+           for backend, prefix in (("torch", ""), ("mlx", "mlx-")) for name, (length, batch) in SHORT_ROWS.items()},
         "roofline": ("roofline", init, work / "roofline", pr),
     }
     only = args.only.split(",") if args.only else list(plan)
@@ -308,33 +439,47 @@ def main() -> None:
     for name in only:
         kind, *rest = plan[name]
         results[name] = r = child(kind, *rest)
-        if "tokens" in r:
-            r["tokens_per_s"] = r["tokens"] / r["train_seconds"]
+        r["tokens_per_s"] = rate(r)
         print(f"{name}: {r}", flush=True)
 
     def tps(name):
         return results.get(name, {}).get("tokens_per_s")
 
-    print(f"\n{device()}, {args.precision}\n| trainer | real tokens/s | peak RSS MiB | peak CUDA MiB | note |\n"
-          "| --- | --- | --- | --- | --- |")
+    def peak(name):
+        r = results.get(name, {})
+        return r.get("cuda_peak_mib") or r.get("anon_peak_mib")
+
+    roof = results.get("roofline", {})
+    fpt = flops_per_token(init)
+    peak_flops = roof.get("sgemm_gflops", 0) * 1e9
+    print(f"\n{device()}, {args.precision}, model {args.model}\n| trainer | real tokens/s | MFU | peak RSS MiB | "
+          "peak anon MiB | peak CUDA MiB | note |\n| --- | --- | --- | --- | --- | --- | --- |")
     for name, r in results.items():
         note = r.get("error") or r.get("batching", "")
-        print(f"| {name} | {r.get('tokens_per_s', float('nan')):.0f} | {r.get('rss_peak_mib', '')} | "
-              f"{r.get('cuda_peak_mib', '')} | {note} |")
-    ratios = [("pissa torch / PEFT padded loop", tps("pissa"), tps("peft"), 2.0),
+        mfu = f"{r['tokens_per_s'] * fpt / peak_flops:.2f}" if peak_flops and r.get("tokens_per_s") else ""
+        print(f"| {name} | {r.get('tokens_per_s') or float('nan'):.0f} | {mfu} | {r.get('rss_peak_mib', '')} | "
+              f"{r.get('anon_peak_mib', '')} | {r.get('cuda_peak_mib', '')} | {note} |")
+    ratios = [("pissa torch / PEFT padded loop", tps("pissa"), tps("peft"), ">= 2"),
               ("pissa torch / TRL best", tps("pissa"), max(filter(None, [tps("trl-padding-free"), tps("trl-packing")]),
-                                                          default=None), 1.1),
-              ("pissa MLX / mlx-lm", tps("pissa-mlx"), tps("mlx-lm"), 2.0)]
+                                                          default=None), ">= 1.1 (GPU: >= 1.5)"),
+              ("pissa MLX / mlx-lm", tps("pissa-mlx"), tps("mlx-lm"), ">= 2"),
+              ("pissa MLX packed / --no-packing", tps("pissa-mlx"), tps("pissa-mlx-padded"), ">= 2"),
+              ("torch: 1 row of 2048 / 8 rows of 256, tokens/s", tps("rows-2048x1"), tps("rows-256x8"), ">= 0.9"),
+              ("torch: 1 row of 2048 / 8 rows of 256, peak memory", peak("rows-2048x1"), peak("rows-256x8"), "<= 1.1"),
+              ("MLX: 1 row of 2048 / 8 rows of 256, tokens/s", tps("mlx-rows-2048x1"), tps("mlx-rows-256x8"), ">= 0.9"),
+              ("MLX: 1 row of 2048 / 8 rows of 256, peak memory", peak("mlx-rows-2048x1"), peak("mlx-rows-256x8"),
+               "<= 1.1")]
     print("\n| ratio | value | target |\n| --- | --- | --- |")
     for name, a, b, target in ratios:
         if a and b:
-            print(f"| {name} | {a / b:.2f} | >= {target} |")
-    if "roofline" in results and "sgemm_gflops" in results["roofline"]:
-        r = results["roofline"]
-        ideal = r["sgemm_gflops"] * 1e9 / flops_per_token(init)
-        print(f"| roofline fraction (equal-length rows, pissa torch) | {r['tokens_per_s'] / ideal:.2f} | >= 0.7 |")
-        print(f"\nmatrix product {r['sgemm_gflops']:.0f} GFLOP/s; {flops_per_token(init) / 1e9:.2f} GFLOP per trained token: "
+            print(f"| {name} | {a / b:.2f} | {target} |")
+    if peak_flops and roof.get("tokens_per_s"):
+        ideal = peak_flops / fpt
+        print(f"| roofline fraction (equal-length rows, pissa torch) | {roof['tokens_per_s'] / ideal:.2f} | >= 0.7 |")
+        print(f"\nmatrix product {roof['sgemm_gflops']:.0f} GFLOP/s; {fpt / 1e9:.2f} GFLOP per trained token: "
               f"ideal {ideal:.0f} tokens/s")
+    if results.get("pissa", {}).get("profile"):
+        print(f"\npissa torch, ms per steady step: {results['pissa']['profile']}")
     if not args.work:
         shutil.rmtree(work, ignore_errors=True)
 

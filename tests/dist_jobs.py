@@ -41,6 +41,25 @@ def small_data(folder: Path) -> tuple[Path, Path]:
     return paths
 
 
+# The edges of an epoch: five records, each alone in a row of SEQ tokens, in global batches of 2 rows
+# with 2 micro-batches a step. An epoch is micro-batches of 2, 2 and 1 rows: with --epochs 1 the
+# second step is short (one micro-batch, which must still sync) and its one row leaves rank 1 without
+# any (it gets a filler); with --epochs 2 the second step holds the end of epoch 0 and the start of 1.
+EDGES = {"epochs1": ["--epochs", "1"], "epochs2": ["--epochs", "2"]}
+EDGE_TRAIN = ["--batch-size", "2", "--grad-accum", "2", "--max-seq-len", str(SEQ), "--lr", str(LR), "--save-every", "1",
+              "--no-progress"]
+
+
+def five_records(folder: Path) -> Path:
+    """data for EDGES: five prompt/completion records of 50 to 90 tokens (more than half of SEQ)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    words = "one two three four five six seven eight nine ten".split()
+    path = folder / "five.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"Count from {words[i]}:", "completion": " " + " ".join(
+        words[(i + k) % 10] for k in range(48 + 4 * i))}) + "\n" for i in range(5)))
+    return path
+
+
 def free_ports(n: int) -> list[int]:
     socks = [socket.socket() for _ in range(n)]
     for s in socks:
@@ -139,9 +158,10 @@ def adapter_tolerance(scale: float) -> float:
 SPARE = 1e-3  # the fraction of adapter entries allowed past adapter_tolerance (cancelling gradients)
 
 
-def compare_runs(one: Path, two: Path) -> None:
+def compare_runs(one: Path, two: Path, start: Path | None = None) -> None:
     """The same losses (train and eval, every step) and the same final adapter, within the
-    float32 tolerances above."""
+    float32 tolerances above; and the training moved the adapter far more than them from `start`
+    (an adapter folder; default: the run's step-2 checkpoint)."""
     rows = [[json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()] for run in (one, two)]
     assert [sorted(r) for r in rows[0]] == [sorted(r) for r in rows[1]]
     for a, b in zip(*rows):
@@ -154,7 +174,7 @@ def compare_runs(one: Path, two: Path) -> None:
     diffs = np.concatenate([np.abs(a[k].astype(np.float64) - b[k]).ravel() for k in sorted(a)])
     bound = adapter_tolerance(scale)
     assert np.mean(diffs > bound) <= SPARE and diffs.max() <= 2 * LR * STEPS, (diffs.max(), np.mean(diffs > bound))
-    start = load(one / "checkpoints" / "step-000002" / "adapter" / "adapter_model.safetensors")
+    start = load((start or one / "checkpoints" / "step-000002" / "adapter") / "adapter_model.safetensors")
     moved = np.concatenate([np.abs(a[k].astype(np.float64) - start[k]).ravel() for k in sorted(a)])
     assert np.median(moved) > 100 * bound  # training moved the adapter far more than the tolerance
 

@@ -17,8 +17,8 @@ from pissa.cli import main  # noqa: E402
 from pissa.jobs.init import run_init  # noqa: E402
 from pissa.numeric.quant import scheme  # noqa: E402
 from pissa.adapters.spec import AdapterSpec  # noqa: E402
-from tests.dist_jobs import (TRAIN, compare_runs, launch, leftovers, same_folders, small_data,  # noqa: E402
-                             start_by_hand, wait_until)
+from tests.dist_jobs import (EDGE_TRAIN, EDGES, SEQ, TRAIN, compare_runs, five_records, launch,  # noqa: E402
+                             leftovers, same_folders, small_data, start_by_hand, wait_until)
 
 pytestmark = pytest.mark.slow
 
@@ -38,6 +38,11 @@ def train_argv(model, out, data, *extra):
             "--backend", "torch", *TRAIN, *extra]
 
 
+def edge_argv(model, out, five, edge, *extra):
+    return ["train", str(model), "--data", str(five), "--out", str(out), "--backend", "torch", *EDGE_TRAIN,
+            *EDGES[edge], *extra]
+
+
 @pytest.fixture(scope="module")
 def job(tiny_chat_base, tiny_chat, tmp_path_factory):
     """One torchrun job of 2 ranks: two inits (CLI; API with QPiSSA and shards), an init that fails
@@ -52,6 +57,9 @@ def job(tiny_chat_base, tiny_chat, tmp_path_factory):
     (root / "api").rename(root / "api-one")
     one = root / "one"
     assert main(train_argv(tiny_chat, one, data)) == 0
+    five = five_records(root / "data")
+    for edge in EDGES:
+        assert main(edge_argv(tiny_chat, root / f"one-{edge}", five, edge)) == 0
     api = {"model": str(tiny_chat_base), "out": str(root / "api"), "quantize": ["int8", 64], **API_INIT}
     start = time.perf_counter()
     results = launch("torchrun", root / "job", [
@@ -61,6 +69,8 @@ def job(tiny_chat_base, tiny_chat, tmp_path_factory):
          "hook": {"rank": 1, "fail_init": True}},
         {"argv": train_argv(tiny_chat, root / "ddp", data)},
         {"argv": train_argv(tiny_chat, root / "fsdp", data, "--shard")},
+        *({"argv": edge_argv(tiny_chat, root / f"{mode}-{edge}", five, edge, *flags)}
+          for edge in EDGES for mode, flags in (("ddp", ()), ("fsdp", ("--shard",)))),
     ])
     print(f"torchrun job: {time.perf_counter() - start:.1f} s")
     return root, data, one, results
@@ -94,6 +104,26 @@ def test_two_ranks_train_as_one_process(job, mode):
     for rel in ("lora/adapter_model.safetensors", "loss.png", "checkpoints/step-000004/optimizer.pt"):
         assert (root / mode / rel).exists(), rel
     assert leftovers(root / mode) == [] and leftovers(root / mode / "checkpoints") == []
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+@pytest.mark.parametrize("edge", list(EDGES))
+def test_an_epoch_ending_on_fewer_rows_than_ranks_trains_as_one_process(job, tiny_chat, edge, mode):
+    """Five records, 2 ranks, global batch 2, 2 micro-batches a step: the epoch's last micro-batch has
+    one row (rank 1 gets a filler without labels), the last step of --epochs 1 is short and must still
+    sync, and with --epochs 2 a step spans the epoch's end. It once crashed on rank 1's empty batch."""
+    from pissa.training.data import load_dataset
+    from pissa.files.tokenizer import load_tokenizer
+
+    root, _, _, results = job
+    assert all(len(e.input_ids) > SEQ // 2 for e in load_dataset(root / "data" / "five.jsonl",
+                                                                  load_tokenizer(tiny_chat), SEQ).examples)
+    index = 5 + 2 * list(EDGES).index(edge) + (mode == "fsdp")
+    assert [r[index]["rc"] for r in results] == [0, 0], results[0][index]["stderr"][-2000:]
+    one, two = root / f"one-{edge}", root / f"{mode}-{edge}"
+    rows = [json.loads(line) for line in (one / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, {"epochs1": 2, "epochs2": 3}[edge] + 1))
+    compare_runs(one, two, start=tiny_chat / "pissa_init")
 
 
 def test_a_killed_rank_fails_its_peer_in_one_line_and_one_process_resumes(job, tiny_chat):

@@ -1,6 +1,7 @@
 """The core's layers (pissa/__init__.py says what each holds): a module imports only modules of its
 own layer or of the layers below it, and no import cycle exists, lazy imports included (an import
-under `if TYPE_CHECKING:` is for type checkers only and does not count)."""
+under `if TYPE_CHECKING:` is for type checkers only and does not count). The backends sit beside
+layer 3: they import the core's layers 0-3 only (math, adapters, files), never training and above."""
 
 from __future__ import annotations
 
@@ -20,6 +21,10 @@ LAYERS = {
     "pissa.studies": 6,
     "pissa.cli": 7, "pissa.__main__": 7, "pissa": 7,
 }
+
+
+BACKENDS = {"pissa_torch": ROOT.parent / "backends" / "torch", "pissa_mlx": ROOT.parent / "backends" / "mlx"}
+BACKEND_LAYER = 3  # the highest core layer a backend may import
 
 
 def modules(root: Path, package: str = "pissa") -> dict[str, Path]:
@@ -129,6 +134,18 @@ def test_the_core_has_no_import_cycle():
     assert cycles(graph(ROOT)) == []
 
 
+def backend_imports(backends: dict[str, Path], core: Path) -> list[str]:
+    """Each import of a core module above BACKEND_LAYER by a backend module, in words."""
+    known = set(modules(core))
+    return sorted(f"{name} imports {dep} (layer {layer(dep)})"
+                  for package, root in backends.items() for name, path in modules(root, package).items()
+                  for dep in imports(name, path, known) if layer(dep) > BACKEND_LAYER)
+
+
+def test_a_backend_imports_only_the_core_layers_0_to_3():
+    assert backend_imports(BACKENDS, ROOT) == []
+
+
 def test_the_checks_find_an_upward_import_and_a_cycle(tmp_path):
     """The two checks above on a made-up package: they must be able to fail."""
     pkg = tmp_path / "pissa"
@@ -143,3 +160,9 @@ def test_the_checks_find_an_upward_import_and_a_cycle(tmp_path):
     edges = graph(pkg)
     assert upward(edges) == ["pissa.numeric.a (layer 1) imports pissa.jobs.b (layer 4)"]
     assert cycles(edges) == [["pissa.jobs.b", "pissa.numeric.a"]]
+    backend = tmp_path / "backend"
+    backend.mkdir()
+    (backend / "__init__.py").write_text("")
+    (backend / "ok.py").write_text("from pissa.numeric import a\n")
+    (backend / "train.py").write_text("def f():\n    from pissa.jobs.b import x\n")        # lazy, layer 4
+    assert backend_imports({"pissa_x": backend}, pkg) == ["pissa_x.train imports pissa.jobs.b (layer 4)"]

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from pissa.cli import main
-from pissa.training.data import collate, load_dataset, load_tokenizer
+from pissa.training.data import collate, load_dataset
+from pissa.files.tokenizer import load_tokenizer
 from tests.conftest import BACKENDS, DATA
 
 TRAINING = [b for b in BACKENDS if b != "numpy"]

@@ -103,3 +103,71 @@ def test_only_the_newest_checkpoints_stay(tiny_chat, tmp_path):
     assert steps_of(tmp_path / "c") == [7]
     state = json.loads((tmp_path / "c" / "checkpoints" / "step-000007" / "state.json").read_text())
     assert state["step"] == 7
+
+
+@pytest.fixture(scope="module")
+def finished(tiny_chat, tmp_path_factory):
+    """A 2-step run with a checkpoint at each step, and its data file copied beside it."""
+    root = tmp_path_factory.mktemp("finished")
+    data = root / "train.jsonl"
+    data.write_text("".join((DATA / "train.jsonl").read_text().splitlines(keepends=True)[:16]))
+    run = root / "run"
+    assert main(shaped(tiny_chat, data, run)) == 0
+    return tiny_chat, data, run
+
+
+def shaped(model, data, out, *extra):
+    return ["train", str(model), "--data", str(data), "--out", str(out), "--steps", "2", "--save-every", "1",
+            "--batch-size", "2", "--max-seq-len", "256", "--backend", "torch", "--no-progress", *extra]
+
+
+@pytest.mark.parametrize("change, named", [
+    (["--lr", "3e-4"], "--lr 0.0001 (now 0.0003)"),
+    (["--batch-size", "4"], "--batch-size 2 (now 4)"),
+    (["--grad-accum", "2"], "--grad-accum 1 (now 2)"),
+    (["--max-seq-len", "320"], "--max-seq-len 256 (now 320)"),
+    (["--seed", "1"], "--seed 0 (now 1)"),
+    (["--no-packing"], "--packing on (now off)"),
+    (["--precision", "fp16"], "--precision fp32 (now fp16)"),
+    (["--dropout", "0.1"], "--dropout 0.0 (now 0.1)"),
+    (["--warmup-ratio", "0.5"], "--warmup-ratio 0.03 (now 0.5)"),
+    (["--steps", "4"], "--steps 2 (now 4)"),
+    (["--epochs", "1", "--steps", "2"], "--epochs unset (now 1)"),
+    ("other data", "--data "),
+    ("edited data", "--data's contents (the file changed)"),
+    ("other init", "the init (MODEL_DIR/pissa_init)"),
+])
+def test_a_resume_with_other_options_is_refused_in_one_line(finished, change, named, tmp_path, capsys):
+    """Each option that shapes the run, changed on --resume: exit 2, one line naming it (and what it
+    was), and the run folder exactly as it was."""
+    model, data, run = finished
+    before = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    extra = change if isinstance(change, list) else []
+    if change == "other data":
+        data = tmp_path / "copy.jsonl"
+        data.write_text(finished[1].read_text())
+    elif change == "edited data":
+        saved = data.read_text()
+        data.write_text(saved + saved.splitlines(keepends=True)[0])
+    elif change == "other init":
+        model = tmp_path / "other"
+        assert main(["init", str(finished[0].parent / "base"), "--out", str(model), "--rank", "4", "--init", "lora",
+                     "--no-progress"]) == 0
+    capsys.readouterr()
+    try:
+        assert main(shaped(model, data, run, "--resume", *extra)) == 2
+    finally:
+        if change == "edited data":
+            data.write_text(saved)
+    err = capsys.readouterr().err.strip().splitlines()  # a note (fp16 on a CPU) may come first
+    errors = [line for line in err if "error" in line.lower() or "Traceback" in line]
+    assert errors == err[-1:] and err[-1].startswith("pissa: error: --resume continues the run") and named in err[-1], err
+    assert {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
+def test_a_resume_with_the_same_options_and_other_cadence_goes_on(finished, capsys):
+    """Options that do not shape the run (eval and save cadence, checkpoints kept, gradient
+    checkpointing) may change on --resume; the finished run then has nothing left to do."""
+    model, data, run = finished
+    assert main(shaped(model, data, run, "--resume", "--keep-checkpoints", "1", "--grad-checkpointing")) == 0
+    assert "2 steps" in capsys.readouterr().out

@@ -21,8 +21,10 @@ import mlx.core as mx
 from mlx import nn
 from mlx.utils import tree_unflatten
 from pissa.errors import PissaError
+from pissa.files import packable
+from pissa.numeric.records import record_layout
 from pissa.files.layouts import from_mlx_lm_path, mlx_lm_path
-from pissa.training.data import IGNORE
+from pissa.numeric.loss import IGNORE
 from pissa_mlx.layers.base import AdapterLinear, weight_shape  # noqa: F401  (a Backend member)
 
 name = "mlx"
@@ -155,12 +157,8 @@ def freeze(model: nn.Module) -> None:
 
 
 # ---------------------------------------------------------------------- forward passes
-def unpackable(model_dir) -> str | None:
-    """None for the mlx-lm architectures pissa_mlx.packing runs packed rows of exactly (Llama and
-    Mistral, Qwen2, Qwen3, Gemma 2, Gemma 3 text, Phi-3, GPT-2), else why not."""
-    from pissa_mlx.packing import unpackable as reason
-
-    return reason(model_dir)
+# pissa_mlx.packing runs packed rows exactly for the architectures both backends have checked.
+unpackable = packable.unpackable
 
 
 def picks_size(n: int) -> int:
@@ -180,8 +178,8 @@ def to_arrays(batch: dict[str, np.ndarray], pad: int, max_len: int = 0) -> dict[
     "picks" [k] (flat indices into [b, t - 1] of the positions whose next token is labelled, k =
     picks_size(their count), the padding pointing at position 0), "targets" [k] (those next tokens,
     IGNORE on the padding), and for packed rows "segments" and "positions" [b, t - 1] (-1 and
-    counting on). The extra pads change nothing: they come after every real token and carry no
-    label."""
+    counting on), "buckets" and "inverse" (the records' layout, pissa.numeric.records). The extra
+    pads change nothing: they come after every real token and carry no label."""
     width = batch["input_ids"].shape[1]
     target = -(-width // PAD_MULTIPLE) * PAD_MULTIPLE
     if max_len:
@@ -197,9 +195,18 @@ def to_arrays(batch: dict[str, np.ndarray], pad: int, max_len: int = 0) -> dict[
     if "segment_ids" in batch:
         positions = batch["position_ids"]
         more = positions[:, -1:] + 1 + np.arange(target - width)
-        out["segments"] = mx.array(np.pad(batch["segment_ids"], extra, constant_values=-1)[:, :-1].astype(np.int32))
+        segments = np.pad(batch["segment_ids"], extra, constant_values=-1)[:, :-1]
+        out["segments"] = mx.array(segments.astype(np.int32))
         out["positions"] = mx.array(np.concatenate([positions, more], axis=1)[:, :-1].astype(np.int32))
+        out["buckets"], out["inverse"] = records(segments)
     return out
+
+
+def records(segments: np.ndarray) -> tuple[list[mx.array], mx.array]:
+    """(buckets, inverse) of a packed batch's segment ids [b, t]: where its records lie, for
+    attention within each (pissa.numeric.records, pissa_mlx.packing.records_attention)."""
+    layout = record_layout(segments)
+    return [mx.array(g.astype(np.int32)) for g in layout.buckets], mx.array(layout.inverse.astype(np.int32))
 
 
 def loss_sum(model: nn.Module, batch: dict[str, np.ndarray], precision: str) -> tuple[float, int]:
@@ -220,7 +227,7 @@ def logits(model: nn.Module, batch: dict[str, np.ndarray], precision: str) -> mx
     ids = mx.array(batch["input_ids"][:, :-1].astype(np.int32))
     if "segment_ids" in batch:
         segments, positions = (mx.array(batch[k][:, :-1].astype(np.int32)) for k in ("segment_ids", "position_ids"))
-        z = head_logits(model, hidden_states(model, ids, segments, positions))
+        z = head_logits(model, hidden_states(model, ids, segments, positions, records(batch["segment_ids"][:, :-1])))
     else:
         z = model(ids)
     z = z.astype(mx.float32)

@@ -7,6 +7,8 @@ vocabulary: the head and loss, forward and backward, peaked at 2.3 GiB on full l
 GiB in chunks of 128 rows, and ran faster (4.9 s against 7.0 s). A whole training step at batch
 4 x 1024 of a 2-layer model with that vocabulary: 2.5 GiB -> 0.55 GiB, 6.8 s -> 5.3 s; with half
 the positions labelled, 6.4 s -> 3.6 s, since the unlabelled half no longer reaches the head.
+(Those chunks were MLX's own rule; both backends now share pissa.numeric.loss.chunk_rows, 256 rows
+at that vocabulary.)
 """
 
 from __future__ import annotations
@@ -16,10 +18,9 @@ import functools
 import mlx.core as mx
 from mlx import nn
 
-from pissa.training.data import IGNORE
+from pissa.numeric.loss import IGNORE, chunk_rows
 from pissa_mlx import packing
 
-CHUNK_ELEMENTS = 2 ** 23  # logits per chunk: 32 MiB of float32 (128 rows of a 49k vocabulary)
 
 
 @mx.custom_function
@@ -47,14 +48,6 @@ def _cross_entropy_vjp(primals, cotangents, outputs):
     _, e, total = outputs
     onehot = mx.arange(logits.shape[-1]) == targets[..., None]
     return e * (g / total) - onehot * g, mx.zeros_like(targets)
-
-
-def chunk_rows(vocab: int) -> int:
-    """Rows per chunk: a power of two, 32 to 1024, with about CHUNK_ELEMENTS logits."""
-    rows = 32
-    while rows < 1024 and 2 * rows * vocab <= CHUNK_ELEMENTS:
-        rows *= 2
-    return rows
 
 
 def _chunk(h: mx.array, w: mx.array, t: mx.array, cap: float | None, grad: bool):
@@ -147,7 +140,8 @@ def token_loss_sum(model: nn.Module, batch: dict[str, mx.array], for_grad: bool 
     batch: pissa_mlx.backend.to_arrays' arrays: "inputs" [b, t] (a row's last token, which
     predicts nothing, is not fed), "picks" [k] (the flat indices of the positions whose next token
     is labelled, padded), "targets" [k] (those tokens; IGNORE on the padding), and for packed rows
-    "segments" [b, t] and "positions" [b, t] (pissa_mlx.packing.hidden_states).
+    "segments" [b, t], "positions" [b, t], "buckets" and "inverse" (where the records lie:
+    pissa_mlx.packing.hidden_states).
     for_grad: False for evals (the chunked loss then skips its gradient; see head_cross_entropy).
 
     No attention mask is needed for unpacked rows: they are right-padded and attention is causal,
@@ -160,8 +154,9 @@ def token_loss_sum(model: nn.Module, batch: dict[str, mx.array], for_grad: bool 
     valid = targets != IGNORE
     targets = mx.where(valid, targets, 0)
     segments = batch.get("segments")
-    if packing.model_type({"model_type": getattr(model, "model_type", None)}) in packing.PACKED:
-        h = packing.hidden_states(model, batch["inputs"], segments, batch.get("positions"))
+    if packing.packs(model):
+        records = (batch["buckets"], batch["inverse"]) if "buckets" in batch else None
+        h = packing.hidden_states(model, batch["inputs"], segments, batch.get("positions"), records)
         rows = h.reshape(-1, h.shape[-1])[batch["picks"]]
         head, weight, cap = packing.output_head(model)
         if weight is not None:

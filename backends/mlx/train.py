@@ -1,11 +1,11 @@
 """`pissa train --backend mlx`: the framework half of a run, top to bottom.
 
 AdamW, the compiled micro-step (over pissa_mlx.loss) and update, gradient checkpointing, and the
-five framework steps pissa.training.loop asks for: a micro-batch's forward and backward, the clipped
-optimizer step, the eval loss, the adapter now, and the optimizer state for checkpoints.
-Everything else (the launcher, device and precision, the model with its adapter, data,
-tokenisation, schedule, run folder, resume, NaN and Ctrl-C handling, eval and save cadence, the
-final adapter and LoRA) is the core's (pissa.training.train, pissa.training.loop), shared with
+three framework steps pissa.training.loop asks for: a micro-batch's forward and backward, the
+clipped optimizer step, and the optimizer state for checkpoints. Everything else (the launcher,
+device and precision, the model with its adapter, data, tokenisation, schedule, accumulation,
+run folder, resume, NaN and Ctrl-C handling, evals, eval and save cadence, the adapter it saves,
+the final adapter and LoRA) is the core's (pissa.training.train, pissa.training.loop), shared with
 the torch backend, so both backends see the same batches in the same order and write the same
 run folder.
 
@@ -21,28 +21,18 @@ from pathlib import Path
 import numpy as np
 
 from pissa_mlx import backend
-from pissa_mlx.loss import cross_entropy, token_loss_sum  # noqa: F401  (cross_entropy: as before)
+from pissa_mlx.loss import token_loss_sum
 
 import mlx.core as mx
 import mlx.optimizers as optim
 from mlx import nn
 from mlx.utils import tree_flatten, tree_map
-from pissa.adapters.model import adapter_of
 from pissa.errors import PissaError
-from pissa.training.run import TrainConfig, lr_at
 
 OPTIMIZER_FILE = "optimizer.safetensors"
 
 
-def token_loss(model: nn.Module, input_ids: mx.array, labels: mx.array) -> tuple[mx.array, mx.array]:
-    """Mean cross-entropy over the label tokens of unpacked rows [b, t] (position t predicts token
-    t+1), and their count; no gradient work (an eval)."""
-    batch = {"input_ids": np.array(input_ids), "labels": np.array(labels)}
-    total, n = token_loss_sum(model, backend.to_arrays(batch, 0), for_grad=False)
-    return total / n, n
-
-
-def compiled_steps(model: nn.Module, opt: optim.Optimizer, cfg: TrainConfig, group: mx.distributed.Group | None = None):
+def compiled_steps(model: nn.Module, opt: optim.Optimizer, cfg, group: mx.distributed.Group | None = None):
     """(micro_step, update), both mx.compile'd.
 
     micro_step(batch, weight) -> (sum of token losses, weight * its gradient) for one micro-batch
@@ -77,9 +67,11 @@ def compiled_steps(model: nn.Module, opt: optim.Optimizer, cfg: TrainConfig, gro
     return micro_step, update
 
 
-def make_optimizer(cfg: TrainConfig, step: int = 0) -> optim.AdamW:
-    # bias_correction=True: the Adam of the paper and of torch.optim.AdamW (MLX defaults to off).
-    return optim.AdamW(learning_rate=lr_at(step, cfg), weight_decay=cfg.weight_decay, bias_correction=True)
+def make_optimizer(cfg) -> optim.AdamW:
+    """AdamW for a run's options (pissa.training.run.TrainConfig); the loop sets each step's
+    learning rate (Trainer.update). bias_correction=True: the Adam of the paper and of
+    torch.optim.AdamW (MLX defaults to off)."""
+    return optim.AdamW(learning_rate=cfg.lr, weight_decay=cfg.weight_decay, bias_correction=True)
 
 
 def restore(state: dict, saved: dict[str, mx.array], where: Path) -> None:
@@ -130,7 +122,7 @@ class Trainer:
         if cfg.grad_checkpointing:
             checkpoint_blocks(model)
         model.train()
-        self.opt = make_optimizer(cfg, run.step)
+        self.opt = make_optimizer(cfg)
         self.opt.init(model.trainable_parameters())
         if run.checkpoint is not None:
             restore(self.opt.state, mx.load(str(run.checkpoint / OPTIMIZER_FILE)), run.checkpoint)
@@ -138,24 +130,20 @@ class Trainer:
         self.grads = None
         self.sharded = False
 
-    def forward_backward(self, batch, weight, draw):
+    def forward_backward(self, batch, weight, draw, last):  # update() averages over the ranks, once a step
         mx.random.seed(draw)  # the dropout masks of this micro-batch (the compiled step reads the state)
         arrays = backend.to_arrays(batch, self.run.pad, self.run.cfg.max_seq_len)
         # average_gradients divides by the ranks; the loop wants their sum.
         total, g = self.micro_step(arrays, mx.array(weight * self.run.group.size, dtype=mx.float32))
         self.grads = g if self.grads is None else tree_map(mx.add, self.grads, g)
         mx.eval(total, self.grads)
-        return total.item()
+        return total  # evaluated already: the loop reads it when it logs
 
     def update(self, lr):
         self.opt.learning_rate = lr
         self.update_step(self.grads)
         self.grads = None
         mx.eval(self.model.trainable_parameters(), self.opt.state)
-
-    def adapter(self, master=False):
-        mx.eval(self.model.trainable_parameters(), self.opt.state)
-        return adapter_of(backend, self.model, self.run.spec, self.run.info, "float32" if master else None)
 
     def save_state(self, folder):
         if folder is not None:

@@ -14,9 +14,10 @@ import torch
 from torch import nn
 
 from pissa.errors import PissaError
-from pissa.training.data import IGNORE
+from pissa.files import packable
+from pissa.numeric.loss import IGNORE
 from pissa_torch.layers.base import AdapterLinear, dense_weight, weight_shape  # noqa: F401  (Backend members)
-from pissa_torch import loss, quantized
+from pissa_torch import attention, loss, quantized
 from pissa_torch.quantized import AffineQuantLinear, is_quantized  # noqa: F401  (a Backend member)
 
 name = "torch"
@@ -149,29 +150,41 @@ def freeze(model: nn.Module) -> None:
 
 
 # ---------------------------------------------------------------------- forward passes
-def unpackable(model_dir) -> str | None:
-    # transformers packs from position_ids for the architectures pissa_torch.loss has checked.
-    return loss.unpackable(model_dir)
+# transformers packs from position_ids for the architectures both backends have checked.
+unpackable = packable.unpackable
 
 
-def to_device(batch: dict[str, np.ndarray], dev: torch.device) -> dict[str, torch.Tensor]:
-    return {k: torch.from_numpy(v).to(dev, non_blocking=True) for k, v in batch.items()}
+def to_device(batch: dict[str, np.ndarray], dev: torch.device) -> dict:
+    """A collated batch (pissa.training.batches.collate_rows) on the device, with what the host
+    knows of it for the loss: "picks" (flat indices into [b * (t - 1)] of the positions whose next
+    token is labelled), "targets" (those tokens), "count" (how many, a Python int), and "records"
+    (where each record lies, a packed row's several or an unpacked row's one, and their position
+    ids: pissa_torch.attention.DeviceLayout). Made before the step, so that nothing in it waits
+    for the device."""
+    out: dict = {k: torch.from_numpy(v).to(dev, non_blocking=True) for k, v in batch.items()}
+    following = batch["labels"][:, 1:].reshape(-1)
+    picks = np.flatnonzero(following != IGNORE)
+    out.update(picks=torch.from_numpy(picks).to(dev, non_blocking=True), count=len(picks),
+               targets=torch.from_numpy(following[picks]).to(dev, non_blocking=True))
+    # an unpacked batch's rows are right-padded records, one a row
+    b, t = batch["input_ids"].shape
+    segments = batch["segment_ids"] if "segment_ids" in batch else np.where(batch["attention_mask"] > 0, 0, -1)
+    positions = batch["position_ids"] if "position_ids" in batch else np.broadcast_to(np.arange(t), (b, t))
+    out["records"] = attention.DeviceLayout.of(segments, positions, dev)
+    return out
 
 
-def token_loss_sum(net: nn.Module, batch: dict[str, torch.Tensor], precision: str,
-                   rows: int | None = None) -> tuple[torch.Tensor, int]:
+def token_loss_sum(net: nn.Module, batch: dict, precision: str, rows: int | None = None) -> tuple[torch.Tensor, int]:
     """Summed cross-entropy over the label tokens (position t predicts token t+1; 0 for a batch
-    without labels), with gradients, and their count. `net` is the model or its DDP wrapper (the
-    forward goes through it, for its hooks); a packed batch (position_ids) gives each example the
-    loss it has alone, and only labelled positions reach the LM head, `rows` at a time
-    (pissa_torch.loss)."""
+    without labels), with gradients, as a 0-d tensor on the device (never read here), and their
+    count. `net` is the model or its DDP wrapper (the forward goes through it, for its hooks);
+    `batch` comes from to_device. A packed batch gives each example the loss it has alone, and only
+    labelled positions reach the LM head, `rows` at a time (pissa_torch.loss)."""
     model = getattr(net, "module", net)  # DDP keeps the model in .module; FSDP2 shards it in place
-    labels = batch["labels"][:, 1:]
-    keep = labels != IGNORE
     inputs = loss.model_inputs(model, batch)
     with autocast(precision, batch["input_ids"].device):
-        total = loss.labelled_loss(net, model, inputs, keep, labels[keep], rows)
-    return total, int(keep.sum())
+        total = loss.labelled_loss(net, model, inputs, batch, rows)
+    return total, batch["count"]
 
 
 @torch.no_grad()
@@ -193,7 +206,7 @@ def logits(model: nn.Module, batch: dict[str, np.ndarray], precision: str) -> to
 def generate(model: nn.Module, tokenizer, prompts: list[str], max_new_tokens: int, stops: set[int]) -> list[str]:
     """Greedy completions through transformers' generate (left-padded batch; its own stop ids
     from the generation config)."""
-    from pissa.training.data import pad_id
+    from pissa.files.tokenizer import pad_id
 
     old_side = tokenizer.padding_side
     tokenizer.padding_side = "left"

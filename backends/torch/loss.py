@@ -1,19 +1,14 @@
 """The loss of a collated batch on the torch backend: packed rows passed the way transformers packs
 them, and only the labelled positions through the LM head, chunk by chunk.
 
-Packing. transformers (5.x, masking_utils) reads packed sequences from position_ids when it gets no
-2-D attention_mask and no cache: find_packed_sequence_indices starts a new sequence wherever a
-position is not its predecessor + 1, and create_causal_mask / create_sliding_window_causal_mask
-then AND the causal (or sliding-window) mask, taken over those positions, with "same sequence"
-(packed_sequence_mask_function), in the masks sdpa and eager attention take. A packed row gets
-a block-diagonal causal mask, sliding windows counted inside each example, and position
-embeddings (RoPE or GPT-2's absolute ones) restarting at 0. The pads at a row's end continue the
-last example's positions, so they join it as later tokens that no real token sees and no label
-reads. The flash-attention mask takes the boundaries from position_ids only for a batch of one
-row (modeling_flash_attention_utils._is_packed_sequence), so flash attention is refused here.
-VERIFIED lists the architectures whose model code passes position_ids to those mask functions
-and whose packed loss tests/backend_torch/test_packing.py checks against the examples alone;
-Bloom and MPT, for one, build their masks without position_ids.
+Packing. A packed batch runs attention within each record (pissa_torch.attention): its records
+gathered by length into buckets on the host, never a row's [L, L] mask, with position embeddings
+(RoPE or GPT-2's absolute ones) restarting at 0 per record. The pads at a row's end belong to no
+record; no real token sees them and no label reads them. It needs the model to run sdpa or eager
+attention (which pissa_torch.attention wraps); a model loaded with another is refused.
+pissa.files.packable.PACKABLE lists the architectures whose model code hands its attention layers
+what transformers gives them, and whose packed loss tests/backend_torch/test_packing.py checks
+against the examples alone; Bloom and MPT, for one, compute attention their own way.
 
 The head. The final hidden states are taken from the decoder's output (a forward hook, so that
 the forward still runs through DDP's or FSDP2's wrapper and its hooks; transformers' own head
@@ -26,63 +21,54 @@ cross-entropy does, and only d(loss)/d(hidden) [tokens x hidden] is kept for the
 from __future__ import annotations
 
 import inspect
-import json
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from pissa.errors import PissaError
+from pissa.files.packable import PACKABLE
+from pissa.numeric.loss import IGNORE, chunk_rows
+from pissa_torch import attention
 
-# The model types packed exactly (tests/backend_torch/test_packing.py) and whose causal-LM class
-# makes its logits as lm_head(h), then, for SOFTCAPPED, cap * tanh(logits / cap) with
-# cap = config.final_logit_softcapping (modeling_gemma2.py, modeling_gemma3.py).
-VERIFIED = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gpt2", "gemma2", "gemma3_text")
+# Of the packable model types (pissa.files.packable, each checked in tests/backend_torch/test_packing.py),
+# whose causal-LM class makes its logits as lm_head(h), those that then apply cap * tanh(logits / cap)
+# with cap = config.final_logit_softcapping (modeling_gemma2.py, modeling_gemma3.py).
 SOFTCAPPED = ("gemma2", "gemma3_text")
-PACKING_ATTENTION = ("sdpa", "eager")  # the implementations whose masks transformers packs exactly, for any rows
-CHUNK_ELEMENTS = 1 << 24  # logits per chunk: 64 MiB in float32 (341 rows of a 49152 vocabulary)
 
 
-def unpackable(model_dir) -> str | None:
-    """Why a packed batch would not give this folder's model the loss of its examples alone, or
-    None when it does (the module docstring)."""
-    path = Path(model_dir) / "config.json"
-    try:
-        model_type = json.loads(path.read_text()).get("model_type")
-    except (OSError, ValueError) as e:
-        return f"the torch backend cannot tell the architecture of {model_dir} ({e})"
-    if model_type not in VERIFIED:
-        return (f"the torch backend packs examples only for {', '.join(VERIFIED)}, whose attention masks it "
-                f"has checked; {model_type} is not one of them")
-    return None
-
-
-def model_inputs(model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | bool]:
-    """The forward's keyword arguments for a collated batch: packed (position_ids, no
-    attention_mask, for transformers to build the block-diagonal mask from) when it has
-    position_ids, else the padding mask. Never a cache: with one, transformers ignores packing.
+def model_inputs(model: nn.Module, batch: dict) -> dict:
+    """The forward's keyword arguments for a batch from pissa_torch.backend.to_device. A PACKABLE
+    model running sdpa or eager attention gets its records (packed or not): attention within each
+    record (pissa_torch.attention), position ids restarting at each record, and a placeholder mask,
+    so transformers builds no mask and never waits for the device. Any other model gets the padding
+    mask of unpacked rows. Never a cache: with one, transformers would take the row as one sequence.
 
     Raises:
-        PissaError: a packed batch for a model whose attention would cross examples.
+        PissaError: packed rows for a model that is not PACKABLE or runs another attention.
     """
-    inputs: dict[str, torch.Tensor | bool] = {"input_ids": batch["input_ids"], "use_cache": False}
-    if "position_ids" not in batch:
-        inputs["attention_mask"] = batch["attention_mask"]
+    inputs: dict = {"input_ids": batch["input_ids"], "use_cache": False}
+    records = batch.get("records")
+    packable = model.config.model_type in PACKABLE
+    if records is not None and packable and attention.use_records(model):
+        inputs.update(position_ids=records.positions, attention_mask=attention.placeholder(records.positions.device),
+                      records=records)
         return inputs
-    attention = getattr(model.config, "_attn_implementation", None)
-    if attention not in PACKING_ATTENTION:
+    if "segment_ids" in batch:  # packed rows: only attention within each record keeps them apart
+        if not packable:
+            raise PissaError(f"the torch backend cannot pack examples for a {model.config.model_type} model "
+                             "(pissa.files.packable); train it with --no-packing")
         raise PissaError(f"packed batches need sdpa or eager attention on the torch backend, and this model runs "
-                         f"{attention}; train with --no-packing, or load it with sdpa")
-    inputs["position_ids"] = batch["position_ids"]
+                         f"{model.config._attn_implementation}; train with --no-packing, or load it with sdpa")
+    inputs["attention_mask"] = batch["attention_mask"]
     return inputs
 
 
 def head_of(model: nn.Module) -> tuple[nn.Linear, float | None] | None:
-    """(LM head, softcap or None) of a VERIFIED architecture whose head is a plain nn.Linear
+    """(LM head, softcap or None) of a PACKABLE architecture whose head is a plain nn.Linear
     without bias; None for any other model, whose own forward then makes its logits."""
     head = model.get_output_embeddings()
-    if model.config.model_type not in VERIFIED or type(head) is not nn.Linear or head.bias is not None:
+    if model.config.model_type not in PACKABLE or type(head) is not nn.Linear or head.bias is not None:
         return None
     return head, model.config.final_logit_softcapping if model.config.model_type in SOFTCAPPED else None
 
@@ -101,22 +87,25 @@ def _final_hidden(net: nn.Module, model: nn.Module, head: nn.Linear, inputs: dic
     return seen[-1]
 
 
-def labelled_loss(net: nn.Module, model: nn.Module, inputs: dict, keep: torch.Tensor, targets: torch.Tensor,
-                  rows: int | None = None) -> torch.Tensor:
-    """The summed cross-entropy of the labelled positions `keep` [b, t - 1] (position t predicts
-    token t + 1; targets [n] their labels) of a forward of `inputs` through `net` (the model, or
-    its DDP wrapper: `model` is the model inside). Only those positions reach the LM head: in
-    chunks of `rows` rows for a VERIFIED head (head_loss), else by the model's own head."""
+def labelled_loss(net: nn.Module, model: nn.Module, inputs: dict, batch: dict, rows: int | None = None) -> torch.Tensor:
+    """The summed cross-entropy of a batch's labelled positions (position t predicts token t + 1;
+    batch["picks"] their flat indices into [b * (t - 1)], batch["targets"] their labels, both made on
+    the host) of a forward of `inputs` through `net` (the model, or its DDP wrapper: `model` is the
+    model inside). Only those positions reach the LM head: in chunks of `rows` rows for a PACKABLE
+    model's head (head_loss), gathered by index, so the host never waits for the device; any other
+    model's own head makes their logits (by a boolean mask, which does wait)."""
     head = head_of(model)
     if head is not None:
         hidden, weight = _final_hidden(net, model, head[0], inputs)
-        return head_loss(hidden[:, :-1][keep], weight, head[1], targets, rows)
+        rows_of = hidden[:, :-1].reshape(-1, hidden.shape[-1]).index_select(0, batch["picks"])
+        return head_loss(rows_of, weight, head[1], batch["targets"], rows)
+    keep = batch["labels"][:, 1:] != IGNORE
     if "logits_to_keep" in inspect.signature(model.forward).parameters:
         # A boolean mask: transformers returns those positions' logits only, flattened [n, vocab].
         logits = net(**inputs, logits_to_keep=F.pad(keep, (0, 1))).logits
     else:
         logits = net(**inputs).logits[:, :-1][keep]
-    return F.cross_entropy(logits.float(), targets, reduction="sum")
+    return F.cross_entropy(logits.float(), batch["targets"], reduction="sum")
 
 
 def head_loss(hidden: torch.Tensor, weight: torch.Tensor, cap: float | None, targets: torch.Tensor,
@@ -127,7 +116,7 @@ def head_loss(hidden: torch.Tensor, weight: torch.Tensor, cap: float | None, tar
 
     hidden [n, h], weight [vocab, h], targets [n] (every one a label); cap: Gemma's softcap or None.
     """
-    rows = rows or max(1, CHUNK_ELEMENTS // weight.shape[0])
+    rows = rows or chunk_rows(weight.shape[0])
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
         return HeadLoss.apply(hidden, weight, cap, targets, rows)
     return _chunks(hidden, weight, cap, targets, rows, False, False)[0]

@@ -54,6 +54,7 @@ class Backend(Protocol):
     name: str                     # "torch" or "mlx"
     launcher: str                 # the launcher whose ranks this backend joins: "torchrun", "mlx.launch"
     shards: bool                  # whether --shard (FSDP2) exists here
+    qpissa_scheme: str            # the quantisation QPiSSA uses here by default ("nf4", "affine4"): pissa compare, messages
 
     # ---------------------------------------------------------------- arrays and devices
     def to_numpy(self, x: Any) -> np.ndarray:

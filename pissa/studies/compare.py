@@ -153,7 +153,8 @@ class EvalData:
 
     @classmethod
     def build(cls, tokenizer, eval_data: Path, grid: Grid) -> "EvalData":
-        from pissa.training.data import eval_split, pad_id
+        from pissa.training.data import eval_split
+        from pissa.files.tokenizer import pad_id
 
         pairs, dataset = eval_split(eval_data, tokenizer, grid.max_seq_len, grid.eval_limit)
         probe = forgetting.probe_items()

@@ -17,7 +17,9 @@ from pissa.numeric.backend import get_backend, resolve_precision
 from pissa.numeric.kl import kl_per_position, label_logprobs
 from pissa.numeric.ops import get_ops
 from pissa.studies.scoring import exact_match
-from pissa.training.data import IGNORE, eval_split, load_tokenizer, pad_id
+from pissa.numeric.loss import IGNORE
+from pissa.training.data import eval_split
+from pissa.files.tokenizer import load_tokenizer, pad_id
 from pissa.training.evaluation import eval_loss
 
 

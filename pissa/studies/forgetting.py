@@ -20,7 +20,8 @@ from typing import Any, Iterator
 import numpy as np
 
 from pissa.training import data
-from pissa.training.data import IGNORE, Example, collate
+from pissa.numeric.loss import IGNORE
+from pissa.training.data import Example, collate
 
 RESOURCES = Path(__file__).resolve().parent / "resources"
 GENERAL = RESOURCES / "general_text.jsonl"

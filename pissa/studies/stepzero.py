@@ -22,7 +22,7 @@ from pissa.numeric.dtypes import np_dtype
 from pissa.numeric.ops import available_backends
 from pissa.studies import forgetting
 from pissa.studies.evaluate import Session
-from pissa.training.data import pad_id
+from pissa.files.tokenizer import pad_id
 
 TOKENS = 1024
 # Above this many parameters `pissa init --quantize` skips the step-0 KL unless --kl asks for it:

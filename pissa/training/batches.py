@@ -21,15 +21,16 @@ then the sum of the losses of the same examples unpacked.
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass, field
-from functools import cached_property
 from typing import Sequence
 
 import numpy as np
 
-from pissa.training.data import IGNORE, Example
+from pissa.numeric.loss import IGNORE
 
-MODES = ("packed", "padded", "grouped")
+from pissa.training.data import Example
+
 OPEN_ROWS = 8        # rows a packed example may still go to: first fit among the newest 8
 GROUP_WINDOW = 64    # grouped: micro-batches are cut from windows of this many micro-batches' examples
 
@@ -57,24 +58,56 @@ def pack(order: Sequence[int], lengths: Sequence[int], max_len: int) -> list[lis
 class Plan:
     """The micro-batches of a run: rows of example indices, epoch after epoch.
 
+    Planning costs the same in any epoch: the plan of one epoch is kept (the one the run is in),
+    and of the others only their micro-batch counts, so finding micro-batch k of epoch 10 packs
+    nothing once the run is in epoch 10, and memory stays one epoch's plan.
+
     Args:
         lengths: each example's token count (at most max_len).
-        batch_size: rows per micro-batch; max_len: a packed row's capacity; seed: the shuffle's.
+        batch_size: rows per micro-batch (with batch_tokens: at most, or None for no cap); max_len:
+            a packed row's capacity; seed: the shuffle's.
         mode: "packed", "padded" or "grouped" (the module docstring).
+        batch_tokens: cut micro-batches by real tokens instead (cut()), as GPU users size steps.
     """
 
     lengths: Sequence[int]
-    batch_size: int
+    batch_size: int | None
     max_len: int
     seed: int = 0
     mode: str = "packed"
-    _epochs: dict[int, list[list[list[int]]]] = field(default_factory=dict, repr=False)
+    batch_tokens: int | None = None
+    _kept: tuple[int, list[list[list[int]]]] | None = field(default=None, repr=False)
+    _ends: list[int] = field(default_factory=list, repr=False)  # micro-batches in epochs 0..e, cumulative
 
     def epoch(self, e: int) -> list[list[list[int]]]:
         """Epoch e's micro-batches, each a list of rows of example indices."""
-        if e not in self._epochs:
-            self._epochs = {e: self._make(e)}  # keep one: the stream moves forward
-        return self._epochs[e]
+        if self._kept is None or self._kept[0] != e:
+            self._kept = (e, self._make(e))
+            if e == len(self._ends):
+                self._ends.append((self._ends[-1] if self._ends else 0) + len(self._kept[1]))
+        return self._kept[1]
+
+    def _end(self, e: int) -> int:
+        """The index of the first micro-batch after epoch e (each earlier epoch planned once)."""
+        while len(self._ends) <= e:
+            self.epoch(len(self._ends))
+        return self._ends[e]
+
+    def locate(self, index: int) -> tuple[int, int]:
+        """(epoch, micro-batch within it) of micro-batch `index` of the endless stream of epochs."""
+        e = bisect.bisect_right(self._ends, index)
+        while e == len(self._ends) and self._end(e) <= index:
+            e += 1
+        return e, index - (self._ends[e - 1] if e else 0)
+
+    def micro(self, index: int) -> list[list[int]]:
+        """The rows of micro-batch `index` of the endless stream of epochs."""
+        e, k = self.locate(index)
+        return self.epoch(e)[k]
+
+    def micro_batches(self, epochs: int) -> int:
+        """How many micro-batches `epochs` whole epochs hold."""
+        return self._end(epochs - 1) if epochs else 0
 
     def _make(self, e: int) -> list[list[list[int]]]:
         n, bs = len(self.lengths), self.batch_size
@@ -83,42 +116,40 @@ class Plan:
             rows = pack(order, self.lengths, self.max_len)
         elif self.mode == "grouped":
             rows = []
-            window = bs * GROUP_WINDOW
+            window = GROUP_WINDOW * (bs or max(1, self.batch_tokens // self.max_len))
             for start in range(0, n, window):
                 part = order[start:start + window]
                 rows += [[int(i)] for i in sorted(part, key=lambda i: self.lengths[i])]
+        elif self.batch_tokens:
+            rows = [[int(i)] for i in order]
         else:
             # pissa's padded batches as they always were: n // bs micro-batches an epoch (the rest
             # is left out), and fewer examples than a batch repeat to fill it.
             if n < bs:
                 return [[[int(i)] for i in np.resize(order, bs)]]
             rows = [[int(i)] for i in order[: (n // bs) * bs]]
-        batches = [rows[k:k + bs] for k in range(0, len(rows), bs)]
+        batches = cut(rows, [sum(self.lengths[i] for i in row) for row in rows], bs, self.batch_tokens)
         if self.mode == "grouped":  # the windows' batches in a seeded order, not shortest first
             batches = [batches[k] for k in np.random.default_rng([self.seed, e, 1]).permutation(len(batches))]
         return batches
 
-    @cached_property
-    def per_epoch(self) -> int:
-        """Micro-batches in epoch 0 (packing makes later epochs differ by a row or two)."""
-        return len(self.epoch(0))
 
-    def micro(self, index: int) -> list[list[int]]:
-        """The rows of micro-batch `index` of the endless stream of epochs."""
-        e, k = 0, index
-        while k >= len(self.epoch(e)):
-            k -= len(self.epoch(e))
-            e += 1
-        return self.epoch(e)[k]
-
-    def micro_batches(self, epochs: int) -> int:
-        """How many micro-batches `epochs` whole epochs hold."""
-        return sum(len(self.epoch(e)) for e in range(epochs))
-
-    def fill(self, rows: list[list[int]]) -> float:
-        """The share of a micro-batch's padded [rows, longest row] that real tokens fill."""
-        sizes = [sum(self.lengths[i] for i in row) for row in rows]
-        return sum(sizes) / max(1, len(sizes) * max(sizes))
+def cut(rows: list[list[int]], sizes: Sequence[int], batch_size: int | None,
+        batch_tokens: int | None = None) -> list[list[list[int]]]:
+    """Consecutive micro-batches of `rows` (their real tokens: `sizes`): batch_size rows each, or
+    with batch_tokens as many rows as hold at most that many real tokens (always at least one row),
+    and at most batch_size rows when it is given too."""
+    if not batch_tokens:
+        return [rows[k:k + batch_size] for k in range(0, len(rows), batch_size)]
+    out: list[list[list[int]]] = []
+    current, used = [], 0
+    for row, n in zip(rows, sizes):
+        if current and (used + n > batch_tokens or (batch_size and len(current) == batch_size)):
+            out.append(current)
+            current, used = [], 0
+        current.append(row)
+        used += n
+    return out + [current] if current else out
 
 
 def collate_rows(examples: Sequence[Example], rows: Sequence[Sequence[int]], pad_id: int) -> dict[str, np.ndarray]:

@@ -9,6 +9,7 @@ Shared by both backends. Three record kinds are accepted, one per line:
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,8 +18,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from pissa.errors import PissaError
+from pissa.numeric.loss import IGNORE
 
-IGNORE = -100  # label of tokens that carry no loss (PyTorch's cross_entropy default ignore_index)
 
 
 @dataclass
@@ -32,6 +33,15 @@ class Dataset:
     examples: list[Example]
     truncated: int        # records cut to max_seq_len
     path: Path
+
+
+def file_sha256(path: str | Path) -> str:
+    """The hex SHA-256 of a file's bytes (what --resume compares to know the data is the same)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def read_jsonl(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
@@ -145,18 +155,6 @@ def eval_split(path: str | Path, tokenizer: Any, max_seq_len: int,
     return pairs, load_dataset(path, tokenizer, max_seq_len, records)  # only the records it uses
 
 
-def batch_indices(n: int, batch_size: int, seed: int, index: int) -> np.ndarray:
-    """The examples of micro-batch number `index` in an endless shuffled stream: epoch e is a
-    permutation drawn from (seed, e). A pure function of its arguments, so resuming needs no
-    data-loader state."""
-    per_epoch = max(1, n // batch_size) if n >= batch_size else 1
-    epoch, k = divmod(index, per_epoch)
-    order = np.random.default_rng([seed, epoch]).permutation(n)
-    if n < batch_size:
-        return np.resize(order, batch_size)
-    return order[k * batch_size:(k + 1) * batch_size]
-
-
 def collate(examples: Sequence[Example], pad_id: int) -> dict[str, np.ndarray]:
     """Right-padded int64 arrays: input_ids, labels (IGNORE on pads), attention_mask."""
     width = max(len(e.input_ids) for e in examples)
@@ -167,33 +165,3 @@ def collate(examples: Sequence[Example], pad_id: int) -> dict[str, np.ndarray]:
         L = len(e.input_ids)
         ids[i, :L], labels[i, :L], mask[i, :L] = e.input_ids, e.labels, 1
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
-
-
-def pad_id(tokenizer: Any) -> int:
-    pid = tokenizer.pad_token_id
-    return pid if pid is not None else (tokenizer.eos_token_id or 0)
-
-
-def load_tokenizer(model_dir: str | Path) -> Any:
-    """The model folder's tokenizer, through transformers' AutoTokenizer.
-
-    Raises:
-        PissaError: when the folder holds no tokenizer files (a model saved without them, or a
-            pissa init of such a model), or transformers cannot build a tokenizer from them.
-    """
-    from transformers import AutoTokenizer
-
-    from pissa.files.loaders.hf import TOKENIZER_FILES
-
-    model_dir = Path(model_dir)
-    # Without any of these files transformers tries to convert a slow tokenizer it does not have
-    # and ends in a ValueError several lines long.
-    if model_dir.is_dir() and not any((model_dir / n).is_file() for n in TOKENIZER_FILES):
-        raise PissaError(f"{model_dir} has no tokenizer files (tokenizer.json, tokenizer_config.json, ...); copy "
-                         "them from the model it was made from (pissa init copies whatever its input has)")
-    try:
-        return AutoTokenizer.from_pretrained(model_dir)
-    except (OSError, ValueError) as e:
-        first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
-        raise PissaError(f"cannot load the tokenizer in {model_dir} ({first.strip()}); check its tokenizer files "
-                         "or copy them from the original model") from None

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pissa.training.batches import collate_rows, pack
+from pissa.training.batches import collate_rows, cut, pack
 from pissa.training.data import Dataset
 
 
@@ -18,18 +18,20 @@ def eval_rows(data: Dataset, max_len: int | None) -> list[list[int]]:
     return pack(range(n), [len(e.input_ids) for e in data.examples], max(max_len, 1))
 
 
-def eval_loss(backend, model: Any, data: Dataset, batch_size: int, pad: int, precision: str,
-              max_len: int | None = None) -> float:
-    """Mean token loss over `data`, `batch_size` rows at a time, in eval mode (the model goes back
-    to the mode it was in; 0 for a dataset without labels). With max_len the examples are packed
-    into rows of at most max_len tokens: the same loss, with no compute spent on padding."""
+def eval_loss(backend, model: Any, data: Dataset, batch_size: int | None, pad: int, precision: str,
+              max_len: int | None = None, batch_tokens: int | None = None) -> float:
+    """Mean token loss over `data`, `batch_size` rows at a time (or rows of at most `batch_tokens`
+    real tokens: pissa.training.batches.cut), in eval mode (the model goes back to the mode it was
+    in; 0 for a dataset without labels). With max_len the examples are packed into rows of at most
+    max_len tokens: the same loss, with no compute spent on padding."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     rows = eval_rows(data, max_len)
+    sizes = [sum(len(data.examples[i].input_ids) for i in row) for row in rows]
     try:
-        for i in range(0, len(rows), batch_size):
-            loss, n = backend.loss_sum(model, collate_rows(data.examples, rows[i:i + batch_size], pad), precision)
+        for batch in cut(rows, sizes, batch_size, batch_tokens):
+            loss, n = backend.loss_sum(model, collate_rows(data.examples, batch, pad), precision)
             total, count = total + loss, count + n
     finally:
         model.train(was_training)

@@ -4,21 +4,22 @@ cadence, metrics, progress bar) and the final outputs (adapter, its plain LoRA, 
 
 pissa.training.train sets a run up (prepare() here, then the model with its adapter) and asks the
 backend for a Steps object around it (Backend.trainer: pissa_torch.train, pissa_mlx.train): the
-five things only a framework can do. run_loop() drives it.
+three things only a framework can do. run_loop() drives it.
 
 Under a launcher (torchrun, mlx.launch; pissa.dist) every rank runs this same loop. Each draws the
-same global micro-batch and takes every size-th row of it; the loss is normalised by the global
-batch's label tokens, so the gradients summed over ranks are exactly the one-process gradients
-(up to float summation order). Loss sums, eval sums and failure flags are summed over the
-ranks; tokens/s counts the global batch. Only rank 0 writes the run folder; every rank reads
-the checkpoint it resumes from, so --out must be on a filesystem all ranks see.
+same global micro-batch and collates every size-th row of it (a rank left without a row gets a
+filler row that carries no label); the loss is normalised by the label tokens of the whole step
+(every micro-batch of it, on every rank), so the gradients summed over ranks and micro-batches
+are exactly those of one process taking the step as one batch (up to float summation order).
+Loss sums, eval sums and failure flags are summed over the ranks; tokens/s counts the global
+batch. Only rank 0 writes the run folder; every rank reads the checkpoint it resumes from, so
+--out must be on a filesystem all ranks see.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import sys
 import time
 from dataclasses import dataclass
@@ -30,13 +31,18 @@ from tqdm.auto import tqdm
 
 from pissa import dist
 from pissa.adapters.adapter import BASE_MODEL_INFO, Adapter, init_fingerprint
+from pissa.adapters.model import adapter_of
 from pissa.errors import PissaError
 from pissa.files.formats import peft as peft_format
 from pissa.files.formats.hf import write_json
+from pissa.files.tokenizer import load_tokenizer, pad_id
+from pissa.numeric.loss import IGNORE
 from pissa.training.batches import Plan, collate_rows
-from pissa.training.data import IGNORE, Dataset, Example, load_dataset, load_tokenizer, pad_id
+from pissa.training.data import Dataset, Example, file_sha256, load_dataset
 from pissa.training.evaluation import eval_loss
-from pissa.training.run import CHECKPOINTS, DEFAULT_STEPS, RunDir, TrainConfig, initial_adapter, lr_at, save_config
+from pissa.training.ledger import Ledger
+from pissa.training.run import (CHECKPOINTS, DEFAULT_STEPS, RunDir, TrainConfig, initial_adapter, lr_at,
+                                resume_mismatch, save_config)
 
 # pissa_config.json fields of the init that every adapter of the run carries on.
 _INHERITED = ("shapes", *BASE_MODEL_INFO)
@@ -85,7 +91,7 @@ def prepare(model_dir: str | Path, data: str | Path, out: str | Path, cfg: Train
             resume, or a global batch smaller than the number of ranks.
     """
     group = group or dist.current()
-    if cfg.batch_size < group.size:
+    if cfg.batch_size is not None and cfg.batch_size < group.size:
         raise PissaError(f"--batch-size {cfg.batch_size} is the global batch, split over {group.size} ranks; "
                          f"give at least {group.size}")
     model_dir = Path(model_dir)
@@ -100,19 +106,29 @@ def prepare(model_dir: str | Path, data: str | Path, out: str | Path, cfg: Train
     mode = ("grouped" if unpackable else "packed") if cfg.packing else "padded"
     if cfg.packing and unpackable and group.rank == 0:
         print(f"pissa train: note: {unpackable}; batching by length instead of packing", file=sys.stderr)
-    plan = Plan([len(e.input_ids) for e in train_set.examples], cfg.batch_size, cfg.max_seq_len, cfg.seed, mode)
+    plan = Plan([len(e.input_ids) for e in train_set.examples], cfg.batch_size, cfg.max_seq_len, cfg.seed, mode,
+                cfg.batch_tokens)
     micro_batches = plan.micro_batches(cfg.epochs) if cfg.epochs and cfg.steps is None else 0
     if cfg.steps is None:  # --epochs' micro-batches, in optimizer steps
         steps = -(-micro_batches // cfg.grad_accum) if micro_batches else DEFAULT_STEPS
         cfg = dataclasses.replace(cfg, steps=steps)
     start = _with_dropout(start, dropout)
-    record = {"backend": backend, "model_dir": str(model_dir.absolute()), "data": str(data),
+    fingerprint = init_fingerprint(init)
+    record = {"backend": backend, "model_dir": str(model_dir.absolute()), "data": str(Path(data).absolute()),
+              "data_sha256": file_sha256(data), "init_fingerprint": fingerprint,
               "spec": start.spec.to_dict(), "batching": mode, **(config or {})}
     if group.size > 1:
         record["ranks"] = group.size
 
     def make_folder() -> tuple[RunDir, int]:
         folder = RunDir(out, resume=resume, force=force)
+        written = folder.path / "config.json"
+        if resume and written.is_file():  # the same run goes on, or nothing is written
+            differs = resume_mismatch(json.loads(written.read_text()), {"train": dataclasses.asdict(cfg), **record})
+            if differs:
+                raise PissaError(f"--resume continues the run in {folder.path} as it was started, and these differ: "
+                                 f"{differs}; pass the run's own options (its config.json), or start another run "
+                                 "with --out elsewhere (--adapter RUN_DIR/adapter starts from its result)")
         checkpoint = folder.latest() if resume else None
         step = int(json.loads((checkpoint / "state.json").read_text())["step"]) if checkpoint else -1
         if checkpoint is not None:
@@ -134,7 +150,7 @@ def prepare(model_dir: str | Path, data: str | Path, out: str | Path, cfg: Train
         return peft_format.load_adapter(checkpoint / "adapter") if checkpoint is not None else None
 
     resumed = _with_dropout(dist.agree(group, read_checkpoint, what="reading the checkpoint"), dropout)
-    info = {"role": "trained", "init_fingerprint": init_fingerprint(init), "source": init.info.get("source"),
+    info = {"role": "trained", "init_fingerprint": fingerprint, "source": init.info.get("source"),
             **{k: init.info[k] for k in _INHERITED if k in init.info}}
     return Run(cfg, model_dir, folder, tokenizer, train_set, eval_set, pad_id(tokenizer), resumed or start, init,
                max(step, 0), checkpoint, info, group, plan, micro_batches)
@@ -152,24 +168,22 @@ class Steps(Protocol):
 
     sharded: bool  # whether only all ranks together hold the model (FSDP2): Ctrl-C cannot save it then
     backend: Any   # the Backend (pissa.numeric.backend) and the model with its adapter, as evals run it
-    model: Any
+    model: Any     # and as the loop reads its adapter (pissa.adapters.model.adapter_of) for checkpoints
     precision: str
 
-    def forward_backward(self, batch: dict[str, np.ndarray], weight: float, draw: int) -> float:
+    def forward_backward(self, batch: dict[str, np.ndarray], weight: float, draw: int, last: bool) -> float:
         """Add the gradient of weight * (sum of this micro-batch's token losses) to the accumulated
         gradients, summed over the ranks (a backend whose reduction averages, as DDP's and
         mlx.nn.average_gradients do, multiplies by the number of ranks first). batch: this rank's
-        rows of pissa.training.data.collate's arrays. draw: the seed of this micro-batch's random
-        draws (dropout), a function of --seed, the micro-batch and the rank, so that a resumed run
-        draws what an uninterrupted one would. Returns this rank's sum of token losses."""
+        rows of pissa.training.batches.collate_rows' arrays (possibly a filler without labels).
+        weight: 1 / the step's labelled tokens over all micro-batches and ranks. draw: the seed of
+        this micro-batch's random draws (dropout), a function of --seed, the micro-batch and the
+        rank, so that a resumed run draws what an uninterrupted one would. last: whether this is
+        the step's last micro-batch, after which the ranks' gradients must be reduced (DDP's and
+        FSDP2's sync; the others skip it). Returns this rank's sum of token losses."""
 
     def update(self, lr: float) -> None:
         """Clip the accumulated gradients, take one optimizer step at `lr`, clear the gradients."""
-
-    def adapter(self, master: bool = False) -> Adapter:
-        """The model's adapter now, with the run's info: in the spec's storage dtype, or with
-        master=True in float32 (the trainable parameters as they are: what a checkpoint keeps).
-        Called on every rank (gathering a sharded adapter is a collective)."""
 
     def save_state(self, folder: Path | None) -> None:
         """Write the optimizer state, whole (the same file on any number of ranks), and whatever
@@ -199,8 +213,9 @@ def run_loop(run: Run, steps: Steps, *, desc: str, progress: bool = True) -> dic
     step = run.step
 
     def save(at: int) -> Path:
-        # float32 master weights (every rank: gathering a sharded adapter is a collective)
-        adapter = steps.adapter(master=True)
+        # float32 master weights, the trainable parameters as they are (every rank: gathering a
+        # sharded adapter is a collective); RUN_DIR/adapter is in the spec's storage dtype
+        adapter = adapter_of(steps.backend, steps.model, run.spec, run.info, "float32")
         if writes:
             saved = folder.save_checkpoint(at, adapter, steps.save_state, {"backend": desc})
             folder.prune(cfg.keep_checkpoints)  # the older ones go only now that this one is complete
@@ -208,9 +223,26 @@ def run_loop(run: Run, steps: Steps, *, desc: str, progress: bool = True) -> dic
         steps.save_state(None)
         return folder.path / CHECKPOINTS / f"step-{at:06d}"
 
+    # Per example: its tokens, and its labelled next tokens (a packed row's later examples lose the
+    # label of their first token, as a row's first token has none: collate_rows).
+    sizes = np.array([len(e.input_ids) for e in data])
+    labels = np.array([sum(label != IGNORE for label in e.labels[1:]) for e in data])
     bar = tqdm(total=cfg.steps, initial=step, desc=f"pissa train ({desc})", disable=not (progress and writes),
                file=sys.stderr)
-    tokens_seen, t0, loss_value, last_eval = 0, time.perf_counter(), float("nan"), None
+
+    def diverged(at: int, loss: float) -> str:
+        kept = folder.latest()
+        message = (f"the loss became {loss} at step {at}; stopped. Last good checkpoint: "
+                   f"{kept if kept else 'none (use --save-every)'}; lower --lr and --resume or restart")
+        if writes:  # what a caller (pissa compare) reads, rather than parsing the message
+            write_json(folder.path / DIVERGED, {"step": at, "loss": str(loss), "message": message})
+        return message
+
+    def show(loss: float, lr: float, rate: float) -> None:
+        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{rate:,.0f}")
+
+    ledger = Ledger(group, folder.log if writes else (lambda row: None), show, diverged)
+    last_eval = None
     try:
         while step < cfg.steps:
             lr = lr_at(step, cfg)
@@ -218,44 +250,38 @@ def run_loop(run: Run, steps: Steps, *, desc: str, progress: bool = True) -> dic
             # seen once an epoch (the micro-batches an epoch holds need not divide by --grad-accum)
             micros = min(cfg.grad_accum, run.micro_batches - step * cfg.grad_accum) if run.micro_batches \
                 else cfg.grad_accum
-            sums, counts, step_tokens = np.zeros(micros), np.zeros(micros), 0
+            first = step * cfg.grad_accum
+            plans = [run.plan.micro(first + micro) for micro in range(micros)]
+            # The step's loss is the mean over every labelled token of all its micro-batches and ranks:
+            # each micro-batch's sum is divided by the step's count, known here before any runs, so
+            # --grad-accum k is a k times larger batch (not a mean of per-micro-batch means).
+            count = sum(int(labels[row].sum()) for rows in plans for row in rows)
+            sums = []
             with group.guard(f"step {step + 1}"):
-                for micro in range(micros):
-                    rows = run.plan.micro(step * cfg.grad_accum + micro)
-                    batch = collate_rows(data, rows, run.pad)  # the global batch; ours is every size-th row
-                    counts[micro] = int((batch["labels"][:, 1:] != IGNORE).sum())
-                    mine = {k: np.ascontiguousarray(v[group.rank::group.size]) for k, v in batch.items()}
-                    draw = int(np.random.default_rng([cfg.seed, step * cfg.grad_accum + micro, group.rank])
-                               .integers(2**31))
-                    sums[micro] = steps.forward_backward(mine, 1.0 / (micros * counts[micro]), draw)
-                    step_tokens += int(batch["attention_mask"].sum())  # real tokens: no pads
-                loss_value = float(np.mean(group.all_sum(sums) / counts))
-                if not math.isfinite(loss_value):
-                    kept = folder.latest()
-                    message = (f"the loss became {loss_value} at step {step + 1}; stopped. Last good checkpoint: "
-                               f"{kept if kept else 'none (use --save-every)'}; lower --lr and --resume or restart")
-                    if writes:  # what a caller (pissa compare) reads, rather than parsing the message
-                        write_json(folder.path / DIVERGED, {"step": step + 1, "loss": str(loss_value),
-                                                            "message": message})
-                    raise PissaError(message)
+                for micro, rows in enumerate(plans):
+                    draw = int(np.random.default_rng([cfg.seed, first + micro, group.rank]).integers(2**31))
+                    sums.append(steps.forward_backward(rank_batch(data, rows, run.pad, group), 1.0 / max(count, 1),
+                                                       draw, last=micro == micros - 1))
                 steps.update(lr)
             step += 1
-            tokens_seen += step_tokens
-            elapsed = time.perf_counter() - t0
-            if writes:  # tokens: the real tokens of this step (pads not counted); tokens_per_s: of the run so far
-                folder.log({"step": step, "loss": loss_value, "lr": lr, "tokens": step_tokens,
-                            "tokens_per_s": tokens_seen / elapsed})
-            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_seen / elapsed:,.0f}")
+            ledger.add(step, lr, sum(int(sizes[row].sum()) for rows in plans for row in rows), count, sums)
             bar.update(1)
-            if run.eval_set and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+            evals = bool(run.eval_set and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps)
+            saves = folder.saves(step, cfg) and step < cfg.steps
+            if step % cfg.log_every == 0 or evals or saves:  # read the losses before anything depends on them
+                ledger.flush()
+            if evals:
                 last_eval = evaluate(run, steps)
                 if writes:
                     folder.log({"step": step, "eval_loss": last_eval})
-            if folder.saves(step, cfg) and step < cfg.steps:
+            if saves:
                 with group.guard(f"saving step {step}"):
                     save(step)
+        ledger.flush()
     except KeyboardInterrupt:
         bar.close()
+        if group.size == 1:
+            ledger.flush()  # the unread losses are logged (and checked) before their state is saved
         if group.size == 1 or (writes and not steps.sharded):
             saved = save(step)
             print(f"pissa train: interrupted; saved {saved} (step {step}); continue with --resume", file=sys.stderr)
@@ -274,16 +300,29 @@ def run_loop(run: Run, steps: Steps, *, desc: str, progress: bool = True) -> dic
         # RUN_DIR/adapter holds the result, in the storage dtype.
         if folder.saves(step, cfg):
             save(step)
-        final = steps.adapter()
+        final = adapter_of(steps.backend, steps.model, run.spec, run.info)
 
     def finish() -> None:
         folder.finish(final, run.init, run.model_dir)
         folder.plot()
 
     dist.agree(group, finish, what="writing the run folder", on=(0,))
-    elapsed = time.perf_counter() - t0
-    return {"steps": step, "loss": loss_value, "eval_loss": last_eval, "tokens_per_s": tokens_seen / max(elapsed, 1e-9),
-            "seconds": elapsed, "out": str(folder.path)}
+    elapsed = time.perf_counter() - ledger.t0
+    return {"steps": step, "loss": ledger.loss, "eval_loss": last_eval,
+            "tokens_per_s": ledger.tokens_seen / max(elapsed, 1e-9), "seconds": elapsed, "out": str(folder.path)}
+
+
+def rank_batch(data: list[Example], rows: list[list[int]], pad: int, group: dist.Group) -> dict[str, np.ndarray]:
+    """This rank's rows of a global micro-batch (every size-th row), collated; only those are. A rank
+    whose share is empty (an epoch's last micro-batch can hold fewer rows than there are ranks) gets
+    the first row as a filler that carries no label, so that it still runs every collective and
+    adds nothing to the loss or the gradients."""
+    mine = rows[group.rank::group.size]
+    if mine:
+        return collate_rows(data, mine, pad)
+    batch = collate_rows(data, rows[:1], pad)
+    batch["labels"][:] = IGNORE
+    return batch
 
 
 def evaluate(run: Run, steps: Steps) -> float:
@@ -294,7 +333,8 @@ def evaluate(run: Run, steps: Steps) -> float:
 
     def eval_loss_of(data: Dataset, max_len: int | None) -> float:
         # FSDP2 gathers weights in the module's own hooks; DDP adds nothing to a no-grad forward.
-        return eval_loss(steps.backend, steps.model, data, run.cfg.batch_size, run.pad, steps.precision, max_len)
+        return eval_loss(steps.backend, steps.model, data, run.cfg.batch_size, run.pad, steps.precision, max_len,
+                         run.cfg.batch_tokens)
 
     if group.size == 1:  # packed as the training is; across ranks unpacked, so every rank runs as many batches
         return eval_loss_of(run.eval_set, run.cfg.max_seq_len if run.plan.mode == "packed" else None)

@@ -35,7 +35,8 @@ class TrainConfig:
     steps: int | None = None    # None: --epochs' worth, or DEFAULT_STEPS (pissa.training.loop.prepare)
     epochs: int | None = None   # whole passes over the data (--steps wins when both are given)
     packing: bool = True        # pack examples into rows of max_seq_len (pissa.training.batches)
-    batch_size: int = 4
+    batch_size: int | None = 4  # rows per micro-batch; with batch_tokens a cap (None: none)
+    batch_tokens: int | None = None  # cut micro-batches by real tokens instead (pissa.training.batches.cut)
     grad_accum: int = 1
     lr: float = 1e-4
     warmup_ratio: float = 0.03
@@ -49,9 +50,11 @@ class TrainConfig:
     keep_checkpoints: int = 2    # the newest N checkpoints stay; 0: every one
     precision: str = "auto"      # auto | fp32 | bf16 | fp16 (torch autocast on CUDA)
     grad_checkpointing: bool = False
+    log_every: int = 1           # read and log the losses every N steps (each read waits for the device)
+    compile: bool = False        # torch.compile each decoder layer (the torch backend)
 
     def __post_init__(self) -> None:
-        for name in ("steps", "epochs", "batch_size", "grad_accum", "max_seq_len"):
+        for name in ("steps", "epochs", "batch_size", "batch_tokens", "grad_accum", "max_seq_len", "log_every"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise PissaError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         for name in ("eval_every", "save_every", "seed", "keep_checkpoints"):
@@ -64,6 +67,11 @@ class TrainConfig:
         object.__setattr__(self, "save_at", tuple(sorted(set(self.save_at))))
         if any(s < 1 or (self.steps is not None and s > self.steps) for s in self.save_at):
             raise PissaError(f"--save-at steps must lie in 1..--steps ({self.steps}), got {list(self.save_at)}")
+        if self.batch_size is None and self.batch_tokens is None:
+            raise PissaError("give --batch-size (rows per micro-batch) or --batch-tokens (real tokens per micro-batch)")
+        if self.batch_tokens is not None and self.batch_tokens < self.max_seq_len:
+            raise PissaError(f"--batch-tokens {self.batch_tokens} is less than a row (--max-seq-len {self.max_seq_len}); "
+                             "give at least --max-seq-len tokens")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise PissaError(f"--precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
 
@@ -203,6 +211,41 @@ class RunDir:
 
 def save_config(run: RunDir, cfg: TrainConfig, extra: dict[str, Any]) -> None:
     write_json(run.path / "config.json", {"train": asdict(cfg), **extra})
+
+
+# What shapes a run: --resume continues one only with these as they were (RUN_DIR/config.json). The
+# others (eval and save cadence, checkpoints kept, gradient checkpointing, the ranks, the device)
+# change how it runs, not what it computes. --steps and --epochs are among them: the schedule's cosine
+# is laid over the steps, so a longer run is another run (start it from RUN_DIR/adapter with --adapter).
+_SHAPING_TRAIN = ("steps", "epochs", "lr", "warmup_ratio", "weight_decay", "max_grad_norm", "batch_size",
+                  "batch_tokens", "grad_accum", "max_seq_len", "seed", "packing")
+_SHAPING = {"precision": "--precision", "batching": "the batching (packing or its fallback)",
+            "data": "--data", "data_sha256": "--data's contents", "init_fingerprint": "the init (MODEL_DIR/pissa_init)"}
+
+
+def resume_mismatch(old: dict[str, Any], new: dict[str, Any]) -> str | None:
+    """The options that shape a run and differ between a run folder's config.json (`old`) and the
+    one a --resume would write (`new`), in words, or None when the resumed run is the same run.
+    A key the older file lacks (written before it was recorded) is not compared."""
+    diffs = []
+    was = old.get("train", {})
+    for name in _SHAPING_TRAIN:
+        if name in was and was[name] != new["train"][name]:
+            diffs.append(f"--{name.replace('_', '-')} {_word(was[name])} (now {_word(new['train'][name])})")
+    for key, what in _SHAPING.items():
+        if key in old and old[key] != new.get(key):
+            diffs.append(f"{what} {_word(old[key])} (now {_word(new.get(key))})" if key != "data_sha256"
+                         else f"{what} (the file changed)")
+    before, now = old.get("spec", {}).get("dropout"), new["spec"].get("dropout")
+    if before is not None and before != now:
+        diffs.append(f"--dropout {_word(before)} (now {_word(now)})")
+    return "; ".join(diffs) or None
+
+
+def _word(value: Any) -> str:
+    if isinstance(value, bool) or value is None:
+        return {True: "on", False: "off", None: "unset"}[value]
+    return str(value)
 
 
 def initial_adapter(model_dir: Path, adapter_dir: str | Path | None) -> tuple[Adapter, Adapter]:

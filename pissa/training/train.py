@@ -49,6 +49,9 @@ def train(backend: str, model_dir: str | Path, data: str | Path, out: str | Path
         print(f"pissa train: note: --precision {precision} on a CPU halves the frozen weights' memory, but a CPU "
               "without half-precision matrix units (AVX512-BF16, AMX) trains many times slower than in fp32, the "
               "CPU's default (85x per matmul measured on an AVX2 machine)", file=sys.stderr)
+    if cfg.compile and be.name != "torch":  # torch.compile; MLX compiles its step anyway
+        print(f"pissa train: note: --compile is torch.compile, for the torch backend; {be.name} always compiles "
+              "its step", file=sys.stderr)
     split = shard and group.size > 1
     if shard and not split:
         print("pissa train: note: --shard splits a model over the ranks of torchrun; one process trains it whole",

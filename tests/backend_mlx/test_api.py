@@ -173,7 +173,7 @@ def test_a_quantised_base_is_refused(base):
     # The layer itself wraps a quantised base (QPiSSA loads that way); api.apply is what refuses
     # to decompose one, or to put an adapter on one that QPiSSA did not write.
     q = model.model.layers[0].self_attn.q_proj
-    assert PissaLinear.from_base(q, mx.zeros((4, 64)), mx.zeros((64, 4)), 1.0).quantized
+    assert PissaLinear(q, mx.zeros((4, 64)), mx.zeros((64, 4)), 1.0).quantized
     with pytest.raises(PissaError, match=r"is not a QPiSSA residual.*load a folder written by pissa init --quantize"):
         apply(model, AdapterSpec(rank=4), Adapter(AdapterSpec(rank=4), {}))
 

@@ -21,7 +21,8 @@ from mlx import nn  # noqa: E402
 from mlx.utils import tree_flatten, tree_map, tree_unflatten  # noqa: E402
 
 from pissa.training.batches import collate_rows, pack  # noqa: E402
-from pissa.training.data import IGNORE, Example  # noqa: E402
+from pissa.numeric.loss import IGNORE  # noqa: E402
+from pissa.training.data import Example  # noqa: E402
 from pissa_mlx import backend, loss, packing  # noqa: E402
 from pissa_mlx.layers.lora import PissaLinear  # noqa: E402
 
@@ -63,7 +64,7 @@ def make_model(config: dict, seed: int = 0) -> nn.Module:
     for path, module in model.named_modules():
         if isinstance(module, nn.Linear) and not path.endswith("lm_head"):
             out, inp = module.weight.shape
-            layers.append((path, PissaLinear.from_base(module, 0.1 * mx.random.normal((4, inp)),
+            layers.append((path, PissaLinear(module, 0.1 * mx.random.normal((4, inp)),
                                                        0.1 * mx.random.normal((out, 4)), 1.0)))
     model.update_modules(tree_unflatten(layers))
     backend.freeze(model)
@@ -169,10 +170,14 @@ def test_a_length_dependent_rope_is_refused_and_would_contaminate(tmp_path):
 def test_unpackable_names_what_it_cannot_pack(tmp_path):
     import json
 
+    from pissa.files.packable import unpackable_config
+
     assert "no config.json" in backend.unpackable(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "mamba"}))
     assert "not mamba" in backend.unpackable(tmp_path)
-    assert packing.unpackable_config({"model_type": "mistral"}) is None  # mlx-lm runs it as llama
+    assert unpackable_config({"model_type": "mistral"}) is None  # mlx-lm runs it as llama
+    assert "depends on the sequence length" in unpackable_config(  # transformers 5 keeps it in rope_parameters
+        {"model_type": "llama", "rope_parameters": {"rope_type": "dynamic", "factor": 2.0}})
 
 
 def test_gpt2_needs_its_positions_restarted():
@@ -210,7 +215,7 @@ def test_to_arrays_picks_the_labelled_positions():
 @pytest.mark.parametrize("n", [10, 100])
 def test_chunked_head_loss_equals_the_plain_one_with_its_gradients(cap, n, monkeypatch):
     """n = 10 is fewer rows than a chunk; n = 100 is four chunks of 32, the last one ragged."""
-    monkeypatch.setattr(loss, "CHUNK_ELEMENTS", 32 * VOCAB)
+    monkeypatch.setattr("pissa.numeric.loss.CHUNK_ELEMENTS", 32 * VOCAB)  # chunks of 32 rows (the least)
     assert loss.chunk_rows(VOCAB) == 32
     mx.random.seed(1)
     h, w = mx.random.normal((n, 64)), 0.3 * mx.random.normal((VOCAB, 64))
@@ -242,7 +247,7 @@ def test_token_loss_equals_full_logits_cross_entropy_with_the_adapter_gradient(a
     from pissa_mlx.train import compiled_steps, make_optimizer
     from pissa.training.run import TrainConfig
 
-    monkeypatch.setattr(loss, "CHUNK_ELEMENTS", 32 * VOCAB)
+    monkeypatch.setattr("pissa.numeric.loss.CHUNK_ELEMENTS", 32 * VOCAB)  # chunks of 32 rows (the least)
     model = make_model(CONFIGS[arch])
     exs = examples()
     _, unpacked, _ = batches(exs)

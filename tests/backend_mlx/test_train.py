@@ -144,7 +144,7 @@ def test_cross_entropy_matches_float64_numpy():
     """The fused loss (value and gradient, masked positions included) against the textbook
     formula in float64, and against MLX's own nn.losses.cross_entropy."""
     from mlx import nn
-    from pissa_mlx.train import cross_entropy
+    from pissa_mlx.loss import cross_entropy
 
     rng = np.random.default_rng(0)
     logits = rng.normal(0, 4, (2, 5, 300)).astype(np.float32)

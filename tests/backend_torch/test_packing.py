@@ -16,7 +16,8 @@ from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
 from pissa.adapters.spec import AdapterSpec  # noqa: E402
 from pissa.errors import PissaError  # noqa: E402
 from pissa.training.batches import collate_rows  # noqa: E402
-from pissa.training.data import IGNORE, Example  # noqa: E402
+from pissa.numeric.loss import IGNORE  # noqa: E402
+from pissa.training.data import Example  # noqa: E402
 from pissa_torch import apply, backend, loss  # noqa: E402
 from tests.conftest import rel_max_diff  # noqa: E402
 from tests.test_gguf_archs import CASES  # noqa: E402
@@ -73,7 +74,8 @@ def tiny(kwargs: dict, attention: str | None = None, folder=None, seed: int = 0)
 
 
 def unpacked(batch: dict) -> dict:
-    return {k: v for k, v in batch.items() if k not in ("position_ids", "segment_ids")}
+    """The same rows as one sequence each: a causal mask over the whole row, which mixes the examples."""
+    return {k: v for k, v in batch.items() if k not in ("position_ids", "segment_ids", "records")}
 
 
 def alone(model, exs) -> tuple[float, int]:
@@ -96,7 +98,7 @@ def test_packed_loss_is_the_examples_loss(arch, attention, tmp_path):
             continue
         model = tiny({**ARCHS[arch], **window}, attention, tmp_path)
         assert model.config.use_cache  # loss_sum must not build a cache: transformers then ignores packing
-        assert loss.unpackable(tmp_path) is None
+        assert backend.unpackable(tmp_path) is None
         want, count = alone(model, exs)
         got, n = backend.loss_sum(model, batch, "fp32")
         assert n == count
@@ -109,19 +111,29 @@ def test_packed_loss_is_the_examples_loss(arch, attention, tmp_path):
 
 @pytest.mark.parametrize("arch", list(REFUSED))
 def test_refused_architectures_would_mix_examples(arch, tmp_path):
+    """Bloom and MPT compute attention their own way: packed rows through transformers' position_ids
+    (its own packing) mix the examples, so pissa does not pack them, and refuses a packed batch."""
     model = tiny(REFUSED[arch], "eager", tmp_path)
-    reason = loss.unpackable(tmp_path)
+    reason = backend.unpackable(tmp_path)
     assert reason and arch in reason
     exs = examples()
     want, _ = alone(model, exs)
-    got, _ = backend.loss_sum(model, collate_rows(exs, ROWS, 0), "fp32")  # packed as the others are
+    batch = {k: torch.from_numpy(v) for k, v in collate_rows(exs, ROWS, 0).items()}
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
+    labels = batch["labels"][:, 1:]
+    got = float(torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels.flatten(),
+                                                  ignore_index=IGNORE, reduction="sum"))
     assert abs(got - want) > 10 * TOL * want
+    with pytest.raises(PissaError, match="--no-packing"):
+        backend.loss_sum(model, collate_rows(exs, ROWS, 0), "fp32")
 
 
 def test_unpackable_names_what_it_cannot_read(tmp_path):
-    assert "cannot tell the architecture" in loss.unpackable(tmp_path)
-    fake = types.SimpleNamespace(config=types.SimpleNamespace(_attn_implementation="flash_attention_2"))
-    batch = {k: torch.from_numpy(v) for k, v in collate_rows(examples(), ROWS, 0).items()}
+    assert "no config.json to tell its architecture" in backend.unpackable(tmp_path)
+    fake = types.SimpleNamespace(config=types.SimpleNamespace(_attn_implementation="flash_attention_2",
+                                                              model_type="llama"))
+    batch = backend.to_device(collate_rows(examples(), ROWS, 0), torch.device("cpu"))
     with pytest.raises(PissaError, match="--no-packing"):
         loss.model_inputs(fake, batch)
     assert "position_ids" not in loss.model_inputs(fake, unpacked(batch))
@@ -154,3 +166,45 @@ def test_packed_gradient_is_the_sum_of_the_examples_gradients(arch):
     backend.token_loss_sum(model, unpacked(batch), "fp32")[0].backward()
     mixed = adapter_grads(model)
     assert max(rel_max_diff(mixed[name], want[name]) for name in want) > 1e-3
+
+
+def fake_flash_varlen(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p=0.0, softmax_scale=None, causal=False,
+                      window_size=(-1, -1), softcap=0.0):
+    """flash_attn_varlen_func as its documentation defines it, one record at a time in plain torch:
+    q [total, H, d], k and v [total, KV, d] (H a multiple of KV), records cu_q[i]:cu_q[i + 1];
+    window_size (left, right): key j is seen from query i when i - left <= j <= i + right (-1:
+    unlimited); softcap: scores become softcap * tanh(scores / softcap)."""
+    out = torch.empty_like(q)
+    groups = q.shape[1] // k.shape[1]
+    for a, b in zip(cu_q[:-1].tolist(), cu_q[1:].tolist()):
+        qs, ks, vs = q[a:b].transpose(0, 1), k[a:b].transpose(0, 1), v[a:b].transpose(0, 1)
+        ks, vs = ks.repeat_interleave(groups, 0), vs.repeat_interleave(groups, 0)
+        s = qs @ ks.transpose(1, 2) * softmax_scale
+        if softcap:
+            s = softcap * torch.tanh(s / softcap)
+        i = torch.arange(b - a)
+        keep = (i[None, :] <= i[:, None]) if causal else torch.ones(b - a, b - a, dtype=torch.bool)
+        if window_size[0] >= 0:
+            keep &= i[None, :] >= i[:, None] - window_size[0]
+        out[a:b] = (torch.softmax(s.masked_fill(~keep, float("-inf")), -1) @ vs).transpose(0, 1)
+    return out
+
+
+@pytest.mark.parametrize("window, softcap", [(None, None), (4, None), (None, 2.0), (4, 2.0)])
+def test_the_flash_varlen_call_is_the_bucket_attention(window, softcap, monkeypatch):
+    """The call pissa makes to flash-attn's varlen kernel on a GPU (tokens, cumulative lengths, the
+    window as (w - 1, 0), the softcap), against a plain-torch kernel of its documented semantics: the
+    same outputs as the buckets' SDPA path the CPU runs, with GQA (4 query heads over 2 KV heads)."""
+    from pissa_torch import attention
+
+    batch = collate_rows(examples(), ROWS, 0)
+    records = attention.DeviceLayout.of(batch["segment_ids"], batch["position_ids"], torch.device("cpu"))
+    b, t = batch["input_ids"].shape
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(b, h, t, 8, generator=gen, dtype=torch.float64) for h in (4, 2, 2))
+    module = types.SimpleNamespace(training=False)
+    want = attention.varlen(module, q, k, v, records, 0.3, 0.0, window, softcap)
+    monkeypatch.setattr(attention, "flash_varlen", lambda query: fake_flash_varlen)
+    got = attention.varlen(module, q, k, v, records, 0.3, 0.0, window, softcap)
+    real = torch.from_numpy(batch["segment_ids"] >= 0)
+    assert rel_max_diff(got[real].numpy(), want[real].numpy()) < 1e-12

@@ -48,7 +48,11 @@ def plain_torch_step(model_dir) -> dict[str, np.ndarray]:
     no weight decay) on the target linear weights only."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from pissa.training.data import batch_indices, collate, load_dataset, pad_id
+    from tests.test_batches import batch_indices
+
+    from pissa.training.data import collate, load_dataset
+
+    from pissa.files.tokenizer import pad_id
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     data = load_dataset(DATA / "train.jsonl", tokenizer, 128)

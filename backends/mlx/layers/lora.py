@@ -30,19 +30,11 @@ class PissaLinear(AdapterLinear):
         self.scale = float(scale)
 
     @classmethod
-    def from_base(cls, base: nn.Linear | nn.QuantizedLinear, A: mx.array, B: mx.array, scale: float,
-                  dropout: float = 0.0) -> "PissaLinear":
-        """Wrap `base`, whose weight must already be the residual W_res (or, for an
-        nn.QuantizedLinear, its quantisation Q(W_res) from QPiSSA).
-
-        Raises:
-            ValueError: when A [r, in] and B [out, r] do not fit the weight [out, in].
-        """
-        return cls(base, A, B, scale, dropout)
-
-    @classmethod
     def from_params(cls, base: nn.Linear | nn.QuantizedLinear, params: tuple[mx.array, ...], spec) -> "PissaLinear":
-        """from_base with the kind's parameters (A, B), the spec's scale and dropout."""
+        """Wrap `base`, whose weight must already be the residual W_res (or, for an
+        nn.QuantizedLinear, its quantisation Q(W_res) from QPiSSA), with the kind's parameters
+        (A, B), the spec's scale and dropout. Raises ValueError when A [r, in] and B [out, r] do
+        not fit the weight [out, in]."""
         A, B = params
         return cls(base, A, B, spec.scale, spec.dropout)
 

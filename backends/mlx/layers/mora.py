@@ -54,15 +54,6 @@ class MoraLinear(AdapterLinear):
             object.__setattr__(self, "_sin", mx.array(sin.astype("float32")))
 
     @classmethod
-    def from_base(cls, base: nn.Linear, M: mx.array, mora_type: str, dropout: float = 0.0) -> "MoraLinear":
-        """Wrap `base` (its weight unchanged) with M [r_hat, r_hat].
-
-        Raises:
-            ValueError: when M is not square, or of odd size for rotation.
-        """
-        return cls(base, M, mora_type, dropout)
-
-    @classmethod
     def from_params(cls, base: nn.Linear, params: tuple[mx.array, ...], spec) -> "MoraLinear":
         (M,) = params
         problem = mora.wrong_shape(spec, weight_shape(base), M.shape)

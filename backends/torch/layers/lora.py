@@ -27,14 +27,9 @@ class PissaLinear(AdapterLinear):
         self.scale = float(scale)
 
     @classmethod
-    def from_base(cls, base: nn.Module, A: torch.Tensor, B: torch.Tensor, scale: float,
-                  dropout: float = 0.0) -> "PissaLinear":
-        """Wrap `base` (nn.Linear or a quantised linear), whose weight must already be the residual W_res."""
-        return cls(base, A, B, scale, dropout)
-
-    @classmethod
     def from_params(cls, base: nn.Module, params: tuple[torch.Tensor, ...], spec) -> "PissaLinear":
-        """from_base with the kind's parameters (A, B), the spec's scale and dropout."""
+        """Wrap `base` (nn.Linear or a quantised linear), whose weight must already be the residual
+        W_res, with the kind's parameters (A, B), the spec's scale and dropout."""
         A, B = params
         return cls(base, A, B, spec.scale, spec.dropout)
 
@@ -47,10 +42,11 @@ class PissaLinear(AdapterLinear):
         return (self.lora_B @ self.lora_A * self.scale).to(compute_dtype(self.base))
 
     def update(self, x: torch.Tensor) -> torch.Tensor:
-        """s * x A^T B^T, in x's dtype."""
+        """s * x A^T B^T, in x's dtype. The scale goes on B [out, r] rather than on the output [tokens,
+        out] (none at all at s = 1, PiSSA's alpha = r): one kernel over the tokens fewer."""
         a = self.lora_A.to(x.dtype) if self.lora_A.dtype != x.dtype else self.lora_A
         b = self.lora_B.to(x.dtype) if self.lora_B.dtype != x.dtype else self.lora_B
-        return (x @ a.T @ b.T) * self.scale
+        return (x @ a.T) @ (b.T if self.scale == 1 else b.T * self.scale)
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, scale={self.scale:g}, merged={self.merged}"

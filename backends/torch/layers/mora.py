@@ -54,15 +54,6 @@ class MoraLinear(AdapterLinear):
             self.register_buffer("sin", torch.from_numpy(sin).to(base.weight.device, torch.float32), persistent=False)
 
     @classmethod
-    def from_base(cls, base: nn.Module, M: torch.Tensor, mora_type: str, dropout: float = 0.0) -> "MoraLinear":
-        """Wrap `base` (its weight unchanged) with M [r_hat, r_hat].
-
-        Raises:
-            ValueError: when M is not square, or of odd size for rotation.
-        """
-        return cls(base, M, mora_type, dropout)
-
-    @classmethod
     def from_params(cls, base: nn.Module, params: tuple[torch.Tensor, ...], spec) -> "MoraLinear":
         (M,) = params
         problem = mora.wrong_shape(spec, weight_shape(base), tuple(M.shape))

@@ -167,20 +167,34 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=_cmd_train)
 
     c = sub.add_parser("convert", help="turn a trained adapter into a plain LoRA on the original model",
-                       description="PiSSA: a rank-2r LoRA (needs --initial); sharing MoRA: a LoRA of rank r_hat.")
+                       description="PiSSA: a rank-2r LoRA (needs --initial); sharing MoRA: a LoRA of rank r_hat. "
+                                   "As a PEFT folder (vLLM, PEFT), also in mlx-lm's format, or as llama.cpp's LoRA "
+                                   "GGUF (llama.cpp, Ollama).")
     c.add_argument("--initial", default=None,
                    help="the pissa_init folder of the model that was trained (PiSSA and LoRA; MoRA needs none)")
     c.add_argument("--trained", required=True, help="the trained adapter (RUN_DIR/adapter)")
-    c.add_argument("--out", required=True, help="the LoRA folder to write (PEFT format)")
-    c.add_argument("--format", default="peft", help="peft (default), or mlx-lm: also mlx-lm's files, in OUT/mlx_lm")
+    c.add_argument("--out", required=True, help="the LoRA folder to write (PEFT format), or FILE.gguf")
+    c.add_argument("--format", default=None,
+                   help="peft (default), mlx-lm (also mlx-lm's files, in OUT/mlx_lm) or gguf (llama.cpp's LoRA "
+                        "file; the default for a .gguf --out)")
+    c.add_argument("--gguf-type", default=None, help="with --format gguf: f32 (default), f16, bf16 or q8_0")
+    c.add_argument("--model", default=None,
+                   help="with --format gguf: the model the LoRA runs on, for its architecture (default: the folder "
+                        "of --initial, else the model the run of --trained used)")
+    c.add_argument("--base", default="original", choices=("original", "residual"),
+                   help="with --format gguf: original (default: the converted LoRA, for the original model's GGUF) "
+                        "or residual (the trained adapter itself, for a GGUF of the residual model)")
     c.add_argument("--force", action="store_true", help="replace a non-empty --out")
     c.set_defaults(func=_cmd_convert)
 
-    m = sub.add_parser("merge", help="merge an adapter into its model's weights (Hugging Face folder)")
+    m = sub.add_parser("merge", help="merge an adapter into its model's weights (Hugging Face folder or GGUF file)")
     m.add_argument("model", help="the model the adapter applies to (residual folder, or the original for a LoRA)")
-    m.add_argument("--adapter", required=True, help="adapter folder (PEFT format; PiSSA, LoRA or MoRA)")
-    m.add_argument("--out", required=True, help="the merged model folder to write")
-    m.add_argument("--dtype", default=None, help="storage dtype (default: the model's)")
+    m.add_argument("--adapter", default=None,
+                   help="adapter folder (PEFT format; PiSSA, LoRA or MoRA); without it, MODEL is written as it is")
+    m.add_argument("--out", required=True,
+                   help="the merged model folder to write, or FILE.gguf (one file for llama.cpp, Ollama, LM Studio)")
+    m.add_argument("--dtype", default=None, help="storage dtype of a folder (default: the model's)")
+    m.add_argument("--gguf-type", default=None, help="type of a .gguf --out: f32, f16 (default), bf16 or q8_0")
     m.add_argument("--force", action="store_true", help="replace a non-empty --out")
     m.set_defaults(func=_cmd_merge)
 
@@ -349,12 +363,23 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_convert(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from pissa.jobs.convert import to_lora
+    from pissa.jobs.convert import gguf_lora, to_lora, vllm_line
     from pissa.files.formats.hf import atomic_dir
     from pissa.files.formats.peft import load_adapter, save_adapter
 
-    if args.format not in ("peft", "mlx-lm"):
-        raise PissaError(f"unknown --format {args.format!r}; choose peft or mlx-lm")
+    fmt = args.format or ("gguf" if args.out.lower().endswith(".gguf") else "peft")
+    if fmt not in ("peft", "mlx-lm", "gguf"):
+        raise PissaError(f"unknown --format {fmt!r}; choose peft, mlx-lm or gguf")
+    if fmt == "gguf":
+        lora = gguf_lora(args.initial, args.trained, args.out, gguf_type=args.gguf_type or "f32", model=args.model,
+                         base=args.base, force=args.force)
+        which = "trained adapter" if args.base == "residual" else "LoRA"
+        print(f"pissa convert: rank-{lora.spec.rank} {which} over {len(lora.factors)} modules (alpha "
+              f"{lora.spec.alpha:g}) for the {args.base} model's GGUF -> {args.out} (llama.cpp: llama-cli -m "
+              f"{args.base.upper()}.gguf --lora {args.out})")
+        return 0
+    if args.gguf_type or args.model or args.base != "original":
+        raise PissaError("--gguf-type, --model and --base are options of --format gguf")
     lora = to_lora(load_adapter(args.initial) if args.initial else None, load_adapter(args.trained))
     with atomic_dir(Path(args.out), args.force) as tmp:
         save_adapter(tmp, lora)
@@ -365,14 +390,16 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     where = f" (mlx-lm: {Path(args.out) / 'mlx_lm'})" if args.format == "mlx-lm" else ""
     print(f"pissa convert: rank-{lora.spec.rank} LoRA over {len(lora.factors)} modules "
           f"(alpha {lora.spec.alpha:g}) for the original model -> {args.out}{where}")
+    print(vllm_line(lora, args.out))
     return 0
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
     from pissa.jobs.merge import run_merge
 
-    n = run_merge(args.model, args.adapter, args.out, force=args.force, dtype=args.dtype)
-    print(f"pissa merge: merged {n} modules -> {args.out}")
+    n = run_merge(args.model, args.adapter, args.out, force=args.force, dtype=args.dtype, gguf_type=args.gguf_type)
+    what = f"merged {n} modules" if args.adapter else "no adapter, the model as it is"
+    print(f"pissa merge: {what} -> {args.out}")
     return 0
 
 

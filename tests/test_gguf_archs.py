@@ -170,18 +170,27 @@ def vocab_size(kind: str, arch: str) -> int:
     return add_vocab(gguf.GGUFWriter(None, arch), kind, arch)
 
 
-@pytest.fixture(scope="module", params=list(CASES))
-def built(request, tmp_path_factory) -> Built:
+def write_case(name: str, path: Path) -> tuple[Case, dict[str, np.ndarray]]:
+    """CASES[name] as a random checkpoint, written to `path` as llama.cpp's converter writes it:
+    (the case, the checkpoint)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    case = CASES[request.param]
+    case = CASES[name]
     kwargs = dict(case.hf_config)
     cfg = AutoConfig.for_model(kwargs.pop("model_type"), vocab_size=vocab_size(case.vocab, case.gguf_arch),
                                bos_token_id=None, eos_token_id=None, pad_token_id=None, **kwargs)
     state = random_state(AutoModelForCausalLM.from_config(cfg), case.gguf_arch)
+    write_like_llama_cpp(path, case, cfg, state)
+    return case, state
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def built(request, tmp_path_factory) -> Built:
+    from transformers import AutoModelForCausalLM
+
     folder = tmp_path_factory.mktemp(request.param)
     path = folder / f"{request.param}.gguf"
-    write_like_llama_cpp(path, case, cfg, state)
+    case, state = write_case(request.param, path)
     ref = AutoModelForCausalLM.from_pretrained(folder, gguf_file=path.name, dtype=torch.float32)
     return Built(case, path, state, GGUFSource(path), ref.eval())
 

@@ -18,6 +18,8 @@ from pissa_torch.layers.lora import PissaLinear  # noqa: E402
 from pissa_torch.layers.mora import MoraLinear  # noqa: E402
 
 globals().update(_verbs(_backend))
+# load() is the core's, with a model transformers' Trainer trains and saves (pissa_torch.hf_trainer).
+from pissa_torch.hf_trainer import load  # noqa: E402
 
 __all__ = ["DoraLinear", "FullLinear", "MoraLinear", "PissaLinear", "adapter_of", "adapter_state_dict", "apply", "load", "merge",
            "save_adapter", "unmerge"]

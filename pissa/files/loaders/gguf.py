@@ -159,6 +159,11 @@ class GGUFSource:
             w = w - np.float32(self._arch.norm_shift)  # in float32, as transformers undoes it
         return np.array(w, dtype=np.float32)  # a writable copy, not a view of the file
 
+    def tokenizer_fields(self) -> dict:
+        """The file's metadata fields (gguf.ReaderField by key), for writing its tokenizer into
+        another GGUF as it is (pissa.files.formats.gguf_tokenizer.from_gguf)."""
+        return dict(self._fields)
+
     def save_tokenizer(self, out_dir: Path) -> list[str]:
         """Write the tokenizer that transformers builds from this file's metadata.
 

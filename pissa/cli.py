@@ -72,6 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"adapter rank r (default {DEFAULT_RANK}; {QPISSA_RANK} with --quantize)")
     q.add_argument("--alpha", type=_number, default=None, help="LoRA alpha (default: the rank)")
     q.add_argument("--rslora", action="store_true", help="scale by alpha/sqrt(r) instead of alpha/r")
+    q.add_argument("--rank-pattern", default=None, metavar="NAME=R,...",
+                   help="per-module ranks, as PEFT's rank_pattern: q_proj=8,layers\\.0\\..*=32 (a module takes the "
+                        "first name or regex matching the end of its path)")
+    q.add_argument("--alpha-pattern", default=None, metavar="NAME=A,...", help="per-module alphas, likewise")
     q.add_argument("--targets", default="all-linear",
                    help="all-linear, module names (q_proj,v_proj) or a regex over module paths")
     q.add_argument("--kind", default="lora", help="what the adapted layers compute: " + KIND_HELP)
@@ -290,7 +294,9 @@ def _cmd_init(args: argparse.Namespace) -> int:
     spec = AdapterSpec(rank=rank, alpha=args.alpha, use_rslora=args.rslora,
                        targets=parse_targets(args.targets), kind=args.kind, init=args.init, niter=args.niter,
                        oversampling=args.oversampling, seed=args.seed, dtype=args.dtype,
-                       compute_dtype=args.compute_dtype, options=_kind_options(args, kind))
+                       compute_dtype=args.compute_dtype, options=_kind_options(args, kind),
+                       rank_pattern=_pattern(args.rank_pattern, int, "rank-pattern"),
+                       alpha_pattern=_pattern(args.alpha_pattern, float, "alpha-pattern"))
     if spec.kind == "mora" and (args.alpha is not None or args.rslora):
         print("pissa: note: MoRA's update has no scale (it is 1); --alpha and --rslora are ignored", file=sys.stderr)
     scheme = None
@@ -425,6 +431,22 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     print(answer(_training_backend(args.backend), args.model_dir, args.prompt, adapter=args.adapter,
                  device=args.device, max_new_tokens=args.max_new_tokens))
     return 0
+
+
+def _pattern(text: str | None, kind, name: str) -> dict:
+    """"q_proj=8,v_proj=4" -> {"q_proj": 8, "v_proj": 4} (the first "=" of each item splits it)."""
+    out = {}
+    for item in (text or "").split(","):
+        if not item.strip():
+            continue
+        key, eq, value = item.partition("=")
+        try:
+            out[key.strip()] = kind(value)
+        except ValueError:
+            eq = ""
+        if not eq or not key.strip():
+            raise PissaError(f"--{name} takes NAME=VALUE pairs separated by commas, e.g. q_proj=8,v_proj=4; got {item!r}")
+    return out
 
 
 def _numbers(text: str | None, kind, name: str):

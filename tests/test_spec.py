@@ -150,7 +150,7 @@ def test_unknown_keys_at_off_are_accepted(off):
     ("use_zeta", True),                          # a future switch
     ("zeta_group_size", 16),                     # a future number
     ("lora_bias", True),                         # PEFT's own, not implemented here
-    ("rank_pattern", {"q_proj": 8}),
+    ("layers_to_transform", [0, 1]),
     ("modules_to_save", ["lm_head"]),
     ("bias", "all"),
     ("qalora_group_size", 32),

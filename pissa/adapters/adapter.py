@@ -77,7 +77,7 @@ def misfits(adapter: Adapter, shapes: Mapping[str, tuple[int, int]]) -> list[str
     for m, params in adapter.factors.items():
         if m not in shapes:
             continue
-        want = kind.shapes(adapter.spec, tuple(shapes[m]))
+        want = kind.shapes(adapter.spec.for_module(m), tuple(shapes[m]))
         if tuple(tuple(p.shape) for p in params) != tuple(want):
             have = " / ".join(f"{t.removeprefix('lora_')} {tuple(p.shape)}" for t, p in zip(kind.TENSORS, params))
             problems.append(f"{m}: {have} do not fit weight {tuple(shapes[m])}")

@@ -72,7 +72,7 @@ def apply(backend, model: Any, spec: AdapterSpec, adapter: Adapter | None = None
             if kind.changes_base(spec):
                 be.write_weight(base, start.base)
             params = tuple(be.from_numpy(x, like=base) for x in start.params)
-        wrapped.append((name, layer.from_params(base, params, spec)))
+        wrapped.append((name, layer.from_params(base, params, spec.for_module(name))))
     be.replace(model, wrapped)
     be.freeze(model)
     return model

@@ -42,7 +42,8 @@ _PEFT_METADATA = {
 }
 # Keys pissa reads and applies.
 _PEFT_READ = {
-    "r", "lora_alpha", "use_rslora", "target_modules", "init_lora_weights", "lora_dropout",
+    "r", "lora_alpha", "use_rslora", "target_modules", "init_lora_weights", "lora_dropout", "rank_pattern",
+    "alpha_pattern",
     "fan_in_fan_out",  # about the base layer (GPT-2's Conv1D), not the adapter: pissa.files.formats.peft keeps it
 }
 # Any other key, one PEFT has today or adds tomorrow (a "<method>_config" in most releases), is
@@ -85,6 +86,10 @@ class AdapterSpec:
         dropout: dropout on the adapter's input in training (PEFT's lora_dropout), in [0, 1).
         options: the kind's own options (the kind's OPTIONS: MoRA's "mora_type"); the others
             take their defaults.
+        rank_pattern, alpha_pattern: per-module ranks and alphas, as PEFT's: a module takes the
+            value of the first key (a regular expression) matching the end of its path at a dot
+            (PEFT's get_pattern_key), else `rank` / `alpha`; for_module() gives its own spec. For
+            the LoRA-shaped kinds.
 
     Raises:
         PissaError: for any invalid value, naming the field and the fix.
@@ -103,6 +108,8 @@ class AdapterSpec:
     compute_dtype: str = "float64"
     dropout: float = 0.0
     options: Mapping[str, Any] = field(default_factory=dict)
+    rank_pattern: Mapping[str, int] = field(default_factory=dict)
+    alpha_pattern: Mapping[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         from pissa.adapters import inits, kinds
@@ -135,6 +142,11 @@ class AdapterSpec:
             raise PissaError(f"--init {self.init} is for the LoRA-shaped kinds ({shaped}); --kind {self.kind} "
                              "has no init: drop --init")
         object.__setattr__(self, "options", _normalise_options(kind, self.options))
+        for name, kind_of in (("rank_pattern", int), ("alpha_pattern", float)):
+            object.__setattr__(self, name, _normalise_pattern(name, getattr(self, name), kind_of))
+        if (self.rank_pattern or self.alpha_pattern) and not kind.LORA_SHAPED:
+            raise PissaError(f"per-module ranks and alphas are for the LoRA-shaped kinds; --kind {self.kind} takes "
+                             "one --rank: drop the patterns")
         _check_int("niter", self.niter, minimum=0)
         _check_int("oversampling", self.oversampling, minimum=0)
         _check_int("seed", self.seed, minimum=0)
@@ -162,6 +174,16 @@ class AdapterSpec:
         from pissa.adapters import inits
 
         return inits.get(self.init) if self.init is not None else None
+
+    def for_module(self, module: str) -> "AdapterSpec":
+        """The spec of one module: its rank and alpha from rank_pattern / alpha_pattern (the first
+        key whose regular expression matches the end of the module path at a dot, as PEFT's
+        get_pattern_key), else the spec's own; no patterns left. The spec itself when it has none."""
+        if not (self.rank_pattern or self.alpha_pattern):
+            return self
+        rank = _pattern_value(self.rank_pattern, module, self.rank)
+        alpha = _pattern_value(self.alpha_pattern, module, self.alpha)
+        return dataclasses.replace(self, rank=rank, alpha=alpha, rank_pattern={}, alpha_pattern={})
 
     def option(self, name: str) -> Any:
         """The value of one of the kind's options (its default when not given)."""
@@ -208,7 +230,7 @@ class AdapterSpec:
                 f"targets {self.describe_targets()} match no linear layer of this model; "
                 "pass --targets all-linear or module names such as q_proj,v_proj")
         misfits = [(m, why) for m in found
-                   if (why := self.kind_module.misfit(self, tuple(weights[m + ".weight"]))) is not None]
+                   if (why := self.kind_module.misfit(self.for_module(m), tuple(weights[m + ".weight"]))) is not None]
         if misfits:
             m, why = misfits[0]
             raise PissaError(
@@ -224,6 +246,7 @@ class AdapterSpec:
         """pissa_config.json's "spec": every field, the kind's options among them by name."""
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "options"}
         d.update(self.options)
+        d["rank_pattern"], d["alpha_pattern"] = dict(self.rank_pattern), dict(self.alpha_pattern)
         if isinstance(self.targets, tuple):
             d["targets"] = list(self.targets)
         return d
@@ -271,6 +294,8 @@ class AdapterSpec:
             target_modules=self.targets if isinstance(self.targets, str) else sorted(self.targets),
             init_lora_weights=True if initialized else self.peft_init,
             lora_dropout=_plain_number(self.dropout),
+            rank_pattern=dict(self.rank_pattern),
+            alpha_pattern={k: _plain_number(v) for k, v in self.alpha_pattern.items()},
         )
         cfg.update(self.kind_module.peft_fields(self))
         return cfg
@@ -285,7 +310,7 @@ class AdapterSpec:
 
         Raises:
             PissaError: for another peft_type, a missing r or target_modules, and any key pissa
-                does not read (rank_pattern, lora_bias, a newer PEFT's "<method>_config", ...)
+                does not read (layers_to_transform, lora_bias, a newer PEFT's "<method>_config", ...)
                 set to a value other than off, naming each.
         """
         from pissa.adapters import inits, kinds
@@ -311,7 +336,8 @@ class AdapterSpec:
                 found = {"init": fields.get("init") or "lora"}
             fields.update(found)
         fields.update(rank=cfg["r"], alpha=cfg.get("lora_alpha", 8), use_rslora=cfg.get("use_rslora", False),
-                      targets=cfg["target_modules"], dropout=cfg.get("lora_dropout") or 0.0)
+                      targets=cfg["target_modules"], dropout=cfg.get("lora_dropout") or 0.0,
+                      rank_pattern=cfg.get("rank_pattern") or {}, alpha_pattern=cfg.get("alpha_pattern") or {})
         return cls.from_dict(fields)
 
 
@@ -358,6 +384,31 @@ def _plain_number(x: float) -> int | float:
 
 def dumps(cfg: Mapping[str, Any]) -> str:
     return json.dumps(cfg, indent=2, sort_keys=True) + "\n"
+
+
+def _normalise_pattern(name: str, pattern: Any, kind_of: type) -> dict[str, Any]:
+    """A rank or alpha pattern as a plain dict in its given order (the first matching key wins)."""
+    if not isinstance(pattern, Mapping):
+        raise PissaError(f"{name} must map module names (regular expressions) to numbers, got {pattern!r}")
+    out = {}
+    for key, value in pattern.items():
+        try:
+            re.compile(key)
+        except (re.error, TypeError) as e:
+            raise PissaError(f"{name} key {key!r} is not a valid regular expression ({e})") from None
+        allowed = int if kind_of is int else (int, float)
+        if isinstance(value, bool) or not isinstance(value, allowed) or not value > 0:
+            what = "a positive integer" if kind_of is int else "a positive number"
+            raise PissaError(f"{name}[{key!r}] must be {what}, got {value!r}")
+        out[str(key)] = kind_of(value)
+    return out
+
+
+def _pattern_value(pattern: Mapping[str, Any], module: str, default):
+    for key, value in pattern.items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
 
 
 def _normalise_options(kind, options: Any) -> dict[str, Any]:

@@ -48,9 +48,10 @@ def vllm_rank(rank: int) -> int | None:
 
 def vllm_line(lora: Adapter, out: str | Path) -> str:
     """What vLLM needs to serve the PEFT folder `out` holding `lora`, as one line."""
-    n = vllm_rank(lora.spec.rank)
+    rank = max(lora.spec.for_module(m).rank for m in lora.factors)  # the largest of a rank_pattern
+    n = vllm_rank(rank)
     if n is None:
-        return (f"vLLM: rank {lora.spec.rank} exceeds vLLM's largest --max-lora-rank ({VLLM_RANKS[-1]}); serve the "
+        return (f"vLLM: rank {rank} exceeds vLLM's largest --max-lora-rank ({VLLM_RANKS[-1]}); serve the "
                 "merged model instead (pissa merge)")
     return f"vLLM: vllm serve BASE_MODEL --enable-lora --lora-modules pissa={out} --max-lora-rank {n}"
 

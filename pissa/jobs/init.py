@@ -146,7 +146,8 @@ class Job:
             for module in sorted(targets):
                 check_fits(quantize, module, shapes[f"{module}.weight"])
         self.kind = spec.kind_module
-        self.steps = schedule(shapes, targets, 1 if quantize else svd_batch or self.ops.svd_batch)
+        self.steps = schedule(shapes, targets, 1 if quantize else svd_batch or self.ops.svd_batch,
+                              lambda m: (spec.for_module(m).rank, spec.for_module(m).alpha))
         self.plan = []
         for step in self.steps:
             for name in step:
@@ -181,6 +182,7 @@ class Job:
         if not is_float(arrays[0].dtype):
             raise PissaError(f"{step[0]} has dtype {arrays[0].dtype}; "
                              "pissa handles models whose tensors are all floating point")
+        spec = spec.for_module(modules[0])  # a step's targets share their rank and alpha (schedule)
         if modules[0] in targets and quantize is not None:
             qf = self.kind.init_quantized(arrays[0], modules[0], spec, self.ops, quantize, self.quant_iters)
             self.factors[modules[0]] = (qf.A, qf.B)
@@ -249,10 +251,11 @@ def _sha256(x: np.ndarray) -> bytes:
     return hashlib.sha256(np.ascontiguousarray(x).view(np.uint8).reshape(-1).data).digest()
 
 
-def schedule(shapes: dict[str, tuple[int, ...]], targets: set[str], batch: int) -> list[list[str]]:
+def schedule(shapes: dict[str, tuple[int, ...]], targets: set[str], batch: int, same=lambda module: None
+             ) -> list[list[str]]:
     """The order tensors are processed and written in: file order, except that a target pulls the
-    next targets of its shape (up to `batch` in all) into its step, so they decompose together.
-    Memory then stays at `batch` matrices."""
+    next targets of its shape (up to `batch` in all, and with the same `same(module)`: their rank
+    and alpha) into its step, so they decompose together. Memory then stays at `batch` matrices."""
     steps: list[list[str]] = []
     taken: set[str] = set()
     names = list(shapes)
@@ -264,7 +267,8 @@ def schedule(shapes: dict[str, tuple[int, ...]], targets: set[str], batch: int) 
             for other in names[i + 1:]:
                 if len(step) >= batch:
                     break
-                if other not in taken and other[: -len(".weight")] in targets and shapes[other] == shapes[name]:
+                if (other not in taken and other[: -len(".weight")] in targets and shapes[other] == shapes[name]
+                        and same(other[: -len(".weight")]) == same(name[: -len(".weight")])):
                     step.append(other)
         taken.update(step)
         steps.append(step)

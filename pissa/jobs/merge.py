@@ -67,7 +67,7 @@ def run_merge(model: str, adapter_dir: str | Path | Adapter | None, out: str | P
             W = source.get(name)
             module = name[: -len(".weight")]
             if module in factors:
-                W = adapter.spec.kind_module.merged(adapter.spec, factors[module], W)
+                W = adapter.spec.kind_module.merged(adapter.spec.for_module(module), factors[module], W)
             yield name, W
 
     if to_gguf:

@@ -40,7 +40,7 @@ def weight_change_ranks(base_dir: Path, init_dir: Path, adapter_dir: Path, share
     ranks: dict[str, list[int]] = {}
     for module, params in adapter.factors.items():
         W = base.get(module + ".weight").astype(np.float64)
-        trained = kind.merged(adapter.spec, params, init.get(module + ".weight")).astype(np.float64)
+        trained = kind.merged(adapter.spec.for_module(module), params, init.get(module + ".weight")).astype(np.float64)
         s = ops.svdvals(trained - W)
         ranks.setdefault(module_type(module), []).append(rank_for(s, share))
     return {t: {"median": float(np.median(r)), "min": int(min(r)), "max": int(max(r)), "layers": len(r)}

@@ -174,9 +174,13 @@ def to_lora(initial, trained):
         raise PissaError(f"--initial and --trained adapt different modules "
                          f"({len(initial.factors)} vs {len(trained.factors)}); they are not the same run")
     si, st = initial.spec, trained.spec
-    if si.kind != st.kind or (si.rank, si.scale) != (st.rank, st.scale):
-        raise PissaError(f"--initial has rank {si.rank} and scale {si.scale:g} but --trained has rank "
-                         f"{st.rank} and scale {st.scale:g}; they are not the same run")
+    differs = next((m for m in initial.factors if (si.for_module(m).rank, si.for_module(m).scale)
+                    != (st.for_module(m).rank, st.for_module(m).scale)), None)
+    if si.kind != st.kind or differs is not None:
+        m = differs or next(iter(initial.factors))
+        raise PissaError(f"--initial has rank {si.for_module(m).rank} and scale {si.for_module(m).scale:g} but "
+                         f"--trained has rank {st.for_module(m).rank} and scale {st.for_module(m).scale:g} (at {m}); "
+                         "they are not the same run")
     shapes = [f"{m}: A {A0.shape} / B {B0.shape} vs A {trained.factors[m][0].shape} / B {trained.factors[m][1].shape}"
               for m, (A0, B0) in initial.factors.items()
               if (A0.shape, B0.shape) != tuple(p.shape for p in trained.factors[m])]
@@ -199,9 +203,11 @@ def to_lora(initial, trained):
         A = np.concatenate([A1.astype(np.float32), A0.astype(np.float32)], axis=0)    # [2r, in]
         B = np.concatenate([B1.astype(np.float32), -B0.astype(np.float32)], axis=1)   # [out, 2r]
         factors[m] = (A.astype(dtype), B.astype(dtype))
-    alpha = st.alpha * (math.sqrt(2) if st.use_rslora else 2)
-    spec = dataclasses.replace(st, rank=2 * st.rank, alpha=alpha, kind=NAME, init="lora")
-    if not math.isclose(spec.scale, st.scale, rel_tol=1e-12):
+    double = math.sqrt(2) if st.use_rslora else 2  # alpha over 2r (or sqrt(2r)): the same scale
+    spec = dataclasses.replace(st, rank=2 * st.rank, alpha=st.alpha * double, kind=NAME, init="lora",
+                               rank_pattern={k: 2 * r for k, r in st.rank_pattern.items()},
+                               alpha_pattern={k: a * double for k, a in st.alpha_pattern.items()})
+    if not all(math.isclose(spec.for_module(m).scale, st.for_module(m).scale, rel_tol=1e-12) for m in factors):
         raise AssertionError("conversion must keep the scale")
     return type(trained)(spec, factors, base_model=initial.info.get("source"),
                          info={"role": "lora", "converted_from": trained.info.get("init_fingerprint"),

@@ -55,10 +55,12 @@ def lora_tensors(adapter: Adapter, config: Mapping) -> tuple[str, float, dict[st
         raise PissaError(f"{len(missing)} adapted module(s) have no weight of their own in a llama.cpp {arch} GGUF: "
                          f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}; llama.cpp cannot apply "
                          "a LoRA there, so merge instead: pissa merge MODEL_DIR --adapter ADAPTER --out MERGED.gguf")
-    # llama.cpp multiplies by alpha / r; half of what else the scale holds goes into each factor.
-    fold = math.sqrt(spec.kind_module.scale(spec) * spec.rank / spec.alpha)
     out = {}
     for m, (A, B) in adapter.factors.items():
+        # llama.cpp multiplies by alpha / r (this module's r, from its tensors; one alpha for all):
+        # half of what else the module's scale holds goes into each factor.
+        own = spec.for_module(m)
+        fold = math.sqrt(own.scale * own.rank / spec.alpha)
         A = A.astype(np.float64) * fold
         B = B.astype(np.float64) * fold
         if ARCHS[arch].permute_qk and m.endswith("self_attn.q_proj"):

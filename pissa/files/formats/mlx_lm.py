@@ -82,18 +82,27 @@ def save_mlx_adapter(folder: str | Path, adapter: Adapter) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, np.ndarray] = {}
     model_type = adapter.info.get("model_type")
-    for module, params in adapter.factors.items():
-        module = mlx_lm_path(model_type, module)
-        for name, p in zip(kind.TENSORS, params):
+    spec = adapter.spec
+    # mlx-lm has one rank and one scale: per-module ranks (a rank_pattern) are padded with zeros to
+    # the largest, and a module's own scale is folded into its B.
+    rank = max(spec.for_module(m).rank for m in adapter.factors)
+    for path, params in adapter.factors.items():
+        module = mlx_lm_path(model_type, path)
+        A, B, *rest = params
+        own = spec.for_module(path)
+        if own.scale != spec.scale:
+            B = (B.astype(np.float64) * (own.scale / spec.scale)).astype(B.dtype)
+        A = np.concatenate([A, np.zeros((rank - A.shape[0], A.shape[1]), A.dtype)]) if A.shape[0] < rank else A
+        B = np.concatenate([B, np.zeros((B.shape[0], rank - B.shape[1]), B.dtype)], axis=1) if B.shape[1] < rank else B
+        for name, p in zip(kind.TENSORS, (A, B, *rest)):
             # PEFT A [r, in] -> lora_a [in, r], B [out, r] -> lora_b [r, out]; DoRA's m [out] as it is
             tensors[f"{module}.{names[name]}"] = np.ascontiguousarray(p.T if p.ndim == 2 else p)
     safetensors.save(folder / WEIGHTS, tensors, metadata={"format": "mlx"})
-    spec = adapter.spec
     cfg: dict = {
         "fine_tune_type": fine_tune_type,
         "num_layers": -1,
         "lora_parameters": {
-            "rank": spec.rank,
+            "rank": rank,
             "scale": spec.scale,
             "dropout": 0.0,
             "keys": sorted({_key(m) for m in adapter.factors}),

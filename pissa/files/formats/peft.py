@@ -71,7 +71,8 @@ def load_adapter(path: str | Path) -> Adapter:
     spec_fields = extra.pop("spec", None)
     spec = AdapterSpec.from_dict(spec_fields) if spec_fields else AdapterSpec.from_peft_config(cfg)
     peft_view = AdapterSpec.from_peft_config(cfg, extras=_non_peft(spec.to_dict()))
-    if (peft_view.rank, peft_view.alpha, peft_view.use_rslora) != (spec.rank, spec.alpha, spec.use_rslora):
+    scaled = ("rank", "alpha", "use_rslora", "rank_pattern", "alpha_pattern")
+    if any(getattr(peft_view, k) != getattr(spec, k) for k in scaled):
         raise PissaError(f"{path}: {CONFIG} and {SIDECAR} disagree on rank/alpha; one was edited by hand")
     kind = spec.kind_module
     f = safetensors.SafetensorsFile(path / WEIGHTS)
@@ -86,7 +87,8 @@ def load_adapter(path: str | Path) -> Adapter:
         found.setdefault(module, {})[leaf] = np.array(f.get(name))
     problems = [f"{m}: missing {t}" for m, d in found.items() for t in kind.TENSORS if t not in d]
     factors = {m: tuple(d[t] for t in kind.TENSORS) for m, d in found.items() if len(d) == len(kind.TENSORS)}
-    problems += [f"{m}: {why}" for m, params in factors.items() if (why := kind.inconsistent(spec, params))]
+    problems += [f"{m}: {why}" for m, params in factors.items()
+                 if (why := kind.inconsistent(spec.for_module(m), params))]
     if problems:
         raise PissaError(f"{path}: {len(problems)} problem(s): " + "; ".join(problems))
     if cfg.get("fan_in_fan_out"):  # an adapter PEFT wrote for a Conv1D model (GPT-2)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The main job, on the embedded SmolLM2-135M-Instruct (about 15 minutes on 2 CPU cores):
+# The main job, on the embedded SmolLM2-135M-Instruct (about 11-16 minutes on 2 CPU cores):
 #   1. pissa init with every available backend (out/smollm2-<backend>/);
 #   2. on the torch and the MLX backend: eval before training, a short training run on the
 #      arithmetic demo task (data/arith), eval after, conversion to a plain LoRA (plus mlx-lm's
